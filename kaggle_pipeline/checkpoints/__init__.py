@@ -1,0 +1,52 @@
+"""Loading Gemma weights from Hugging Face, GGUF or Orbax checkpoints into the official layout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from kaggle_pipeline.checkpoints.common import CheckpointError
+from kaggle_pipeline.checkpoints.gguf_format import load_gguf
+from kaggle_pipeline.checkpoints.hf_format import load_hf, save_hf
+from kaggle_pipeline.config import ModelConfig
+
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt")
+
+
+def _looks_like_orbax(directory: Path) -> bool:
+    """Markers in the directory or one level down (Kaggle's <dir>/gemma2-2b-it/, Orbax's default/);
+    orbax_format.find_checkpoint_dir picks the exact one."""
+    dirs = [directory, *(p for p in directory.iterdir() if p.is_dir())]
+    return any((d / marker).exists() for d in dirs for marker in ORBAX_MARKERS)
+
+
+def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None,
+                    dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None,
+                    ) -> tuple[ModelConfig, dict]:
+    """(config, params) from whatever `path` holds, detected by its contents:
+
+    a directory with config.json (Hugging Face), a .gguf file, or an Orbax directory.
+    `config` overrides the one the checkpoint describes (Orbax ones infer it from shapes).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return load_gguf(path, dtype, shardings, config=config)
+        raise CheckpointError(f"{path}: unknown checkpoint file (expected a .gguf file or a "
+                              "Hugging Face / Orbax directory)")
+    if (path / "config.json").exists():
+        return load_hf(path, config, dtype, shardings)
+    if _looks_like_orbax(path):
+        from kaggle_pipeline.checkpoints.orbax_format import load_orbax
+
+        return load_orbax(path, config, dtype, shardings)
+    raise CheckpointError(f"{path}: not a checkpoint directory (no config.json for Hugging Face, "
+                          f"none of {', '.join(ORBAX_MARKERS)} here or in a subdirectory for "
+                          "Orbax)")
+
+
+__all__ = ["CheckpointError", "load_checkpoint", "load_gguf", "load_hf", "save_hf"]

@@ -1,0 +1,405 @@
+"""Build and push the Kaggle kernels under `kernels/<task>/`.
+
+    python -m kaggle_pipeline.kernels build <task> --out <dir> [--username U] [--force]
+    python -m kaggle_pipeline.kernels push <dir>
+
+`kaggle kernels push` uploads only the metadata and the code file, not the rest of the folder,
+so `build` embeds the package source (a base64 zip of kaggle_pipeline/*.py) and the task's
+config.toml in the code file; it also leaves a plain copy of the package beside it for running
+the kernel locally. The kernel's owner is filled in from --username, $KAGGLE_USERNAME or the
+`username` field of kaggle.json. No credential value is ever read into the output, printed or
+written: `push` only checks that the kaggle CLI will find credentials, then runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+KERNELS_DIR = PACKAGE_DIR.parent / "kernels"
+METADATA_FILE = "kernel-metadata.json"
+CONFIG_FILE = "config.toml"
+PLACEHOLDER_USERNAME = "your-kaggle-username"
+
+# What `kaggle kernels push` accepts (kaggle 2.x, KaggleApi.kernels_push).
+VALID_LANGUAGES = ("python", "r", "rmarkdown")
+VALID_KERNEL_TYPES = ("script", "notebook")
+VALID_PINNING_TYPES = ("original", "latest")
+# Fields every kernel of ours states explicitly, so nothing falls back to a CLI default.
+REQUIRED_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_private",
+                   "enable_gpu", "enable_tpu", "enable_internet", "dataset_sources",
+                   "competition_sources", "kernel_sources", "model_sources")
+BOOL_FIELDS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
+SOURCE_FIELDS = ("dataset_sources", "competition_sources", "kernel_sources", "model_sources")
+
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_BUNDLED_SUFFIXES = (".py",)
+_ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed, so the same source gives the same bundle
+
+
+class KernelError(ValueError):
+    """A kernel folder or metadata file that the kaggle CLI would refuse."""
+
+
+class CredentialsMissing(RuntimeError):
+    """The kaggle CLI would find no credentials."""
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _slugify(text: str) -> str:
+    # python-slugify's result for ASCII titles: lower-case words joined by '-'.
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _check_bool(meta: Mapping, field: str, where: str) -> None:
+    value = meta[field]
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return
+    raise KernelError(f"{where}: field {field!r}: {value!r} is not a boolean")
+
+
+def _check_kernel_ref(ref: str, where: str, field: str) -> None:
+    parts = ref.split("/")
+    if "/" not in ref or len(parts) > 3 or not parts[0] or not parts[1]:
+        raise KernelError(f"{where}: field {field!r}: {ref!r} is not "
+                          "'<username>/<kernel-slug>[/<version>]'")
+    if len(parts[1]) < 5:
+        raise KernelError(f"{where}: field {field!r}: kernel slug {parts[1]!r} is shorter than "
+                          "five characters")
+    if len(parts) == 3 and not parts[2]:
+        raise KernelError(f"{where}: field {field!r}: empty version in {ref!r}")
+
+
+def validate_metadata(meta: Mapping, folder: str | os.PathLike) -> None:
+    """Refuse what `kaggle kernels push` refuses, naming the field.
+
+    Stricter than the CLI in three ways: every field of REQUIRED_FIELDS must be present, GPU and
+    TPU cannot both be on, and the title must slugify to the id's slug (the CLI only warns).
+    """
+    folder = Path(folder)
+    where = str(folder / METADATA_FILE)
+    missing = [f for f in REQUIRED_FIELDS if f not in meta]
+    if missing:
+        raise KernelError(f"{where}: missing fields {missing}")
+    title = meta["title"]
+    if not isinstance(title, str) or len(title) < 5:
+        raise KernelError(f"{where}: field 'title': must be at least five characters")
+    code_file = meta["code_file"]
+    if not code_file:
+        raise KernelError(f"{where}: field 'code_file': a source file must be specified")
+    if not (folder / code_file).is_file():
+        raise KernelError(f"{where}: field 'code_file': {folder / code_file} does not exist")
+    _check_kernel_ref(meta["id"], where, "id")
+    if len(meta["id"].split("/")) == 3:
+        raise KernelError(f"{where}: field 'id': cannot contain a version")
+    if _slugify(title) != meta["id"].split("/")[1].lower():
+        raise KernelError(f"{where}: field 'title': {title!r} does not slugify to the id's slug "
+                          f"{meta['id'].split('/')[1]!r}")
+    if meta["language"] not in VALID_LANGUAGES:
+        raise KernelError(f"{where}: field 'language': {meta['language']!r} is not one of "
+                          f"{VALID_LANGUAGES}")
+    if meta["kernel_type"] not in VALID_KERNEL_TYPES:
+        raise KernelError(f"{where}: field 'kernel_type': {meta['kernel_type']!r} is not one of "
+                          f"{VALID_KERNEL_TYPES}")
+    for field in BOOL_FIELDS:
+        _check_bool(meta, field, where)
+    if str(meta["enable_gpu"]).lower() == "true" and str(meta["enable_tpu"]).lower() == "true":
+        raise KernelError(f"{where}: fields 'enable_gpu' and 'enable_tpu': pick one accelerator")
+    for field in SOURCE_FIELDS:
+        if not isinstance(meta[field], list) or not all(isinstance(s, str) for s in meta[field]):
+            raise KernelError(f"{where}: field {field!r}: must be a list of strings")
+    for ref in meta["dataset_sources"]:
+        parts = ref.split("/")
+        if "/" not in ref or not parts[0] or not parts[1] or len(parts) > 3:
+            raise KernelError(f"{where}: field 'dataset_sources': {ref!r} is not "
+                              "'<username>/<dataset-slug>[/<version>]'")
+    for ref in meta["kernel_sources"]:
+        _check_kernel_ref(ref, where, "kernel_sources")
+    for ref in meta["model_sources"]:
+        parts = ref.split("/")
+        if len(parts) != 5 or not all(parts) or not parts[4].isdigit():
+            raise KernelError(f"{where}: field 'model_sources': {ref!r} is not "
+                              "'<owner>/<model>/<framework>/<instance>/<version-number>'")
+    pinning = meta.get("docker_image_pinning_type")
+    if pinning is not None and pinning not in VALID_PINNING_TYPES:
+        raise KernelError(f"{where}: field 'docker_image_pinning_type': {pinning!r} is not one "
+                          f"of {VALID_PINNING_TYPES}")
+
+
+def load_metadata(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise KernelError(f"{path}: no kernel metadata file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise KernelError(f"{path}: line {err.lineno}: not JSON ({err.msg})") from None
+
+
+def with_username(meta: Mapping, username: str) -> dict:
+    """The metadata with the placeholder owner replaced in the id and the user's own sources."""
+    def fill(ref: str) -> str:
+        owner, _, rest = ref.partition("/")
+        return f"{username}/{rest}" if owner == PLACEHOLDER_USERNAME else ref
+
+    filled = dict(meta)
+    filled["id"] = fill(meta["id"])
+    for field in SOURCE_FIELDS:
+        filled[field] = [fill(ref) for ref in meta.get(field, [])]
+    return filled
+
+
+# ---------------------------------------------------------------- credentials (never values)
+
+
+def kaggle_config_dir() -> Path:
+    """Where the kaggle CLI looks for kaggle.json (KaggleApi.config_dir)."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"])
+    legacy = Path.home() / ".kaggle"
+    if sys.platform.startswith("linux") and not legacy.exists():
+        xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(xdg) / "kaggle"
+    return legacy
+
+
+def _read_json_fields(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
+    except OSError:
+        return False
+
+
+def credential_sources() -> list[str]:
+    """Names of the places the kaggle CLI would take credentials from; no values."""
+    found = []
+    token = os.environ.get("KAGGLE_API_TOKEN")
+    if token:
+        found.append("KAGGLE_API_TOKEN")
+    home_kaggle = Path.home() / ".kaggle"
+    for name in ("access_token", "access_token.txt"):
+        if _nonempty_file(home_kaggle / name):
+            found.append(f"~/.kaggle/{name}")
+    config = kaggle_config_dir() / "kaggle.json"
+    fields = _read_json_fields(config) if config.is_file() else {}
+    has_user = bool(os.environ.get("KAGGLE_USERNAME") or fields.get("username"))
+    has_key = bool(os.environ.get("KAGGLE_KEY") or fields.get("key"))
+    if has_user and has_key:
+        found.append(f"{config} / KAGGLE_USERNAME+KAGGLE_KEY")
+    if _read_json_fields(home_kaggle / "credentials.json").get("refresh_token"):
+        found.append("~/.kaggle/credentials.json (kaggle auth login)")
+    return found
+
+
+def _credential_values() -> list[str]:
+    """Secret values present on this machine, only to make sure none ends up in a build."""
+    values = [os.environ.get("KAGGLE_KEY", ""), os.environ.get("KAGGLE_API_TOKEN", "")]
+    home_kaggle = Path.home() / ".kaggle"
+    # KAGGLE_API_TOKEN may also name a file that holds the token.
+    token_files = [home_kaggle / "access_token", home_kaggle / "access_token.txt"]
+    if values[1] and len(values[1]) < 4096:
+        token_files.append(Path(values[1]))
+    for path in token_files:
+        if path.is_file():
+            values.append(path.read_text(encoding="utf-8", errors="ignore"))
+    values.append(str(_read_json_fields(kaggle_config_dir() / "kaggle.json").get("key", "")))
+    oauth = _read_json_fields(home_kaggle / "credentials.json")
+    values += [str(oauth.get("refresh_token", "")), str(oauth.get("access_token", ""))]
+    # Short values (e.g. a stray "1") would match everywhere and are no secret.
+    return [v.strip() for v in values if len(v.strip()) >= 8]
+
+
+def resolve_username(username: str | None = None) -> str:
+    """--username, else $KAGGLE_USERNAME, else the `username` of kaggle.json or of the OAuth
+    credentials file."""
+    candidates = [
+        (username, "--username"),
+        (os.environ.get("KAGGLE_USERNAME"), "KAGGLE_USERNAME"),
+        (_read_json_fields(kaggle_config_dir() / "kaggle.json").get("username"),
+         str(kaggle_config_dir() / "kaggle.json")),
+        (_read_json_fields(Path.home() / ".kaggle" / "credentials.json").get("username"),
+         "~/.kaggle/credentials.json"),
+    ]
+    for value, source in candidates:
+        if value:
+            if not _USERNAME.fullmatch(str(value)):
+                raise KernelError(f"{source}: {value!r} is not a Kaggle username")
+            return str(value)
+    raise KernelError("no Kaggle username: pass --username, set KAGGLE_USERNAME or put "
+                      f"'username' in {kaggle_config_dir() / 'kaggle.json'}")
+
+
+# ---------------------------------------------------------------- build
+
+
+def available_tasks(kernels_dir: Path = KERNELS_DIR) -> list[str]:
+    return sorted(p.name for p in kernels_dir.iterdir() if (p / METADATA_FILE).is_file())
+
+
+def _package_files(package_dir: Path) -> list[Path]:
+    """The package's source files: *.py only, so no cache, data or stray secret file rides
+    along."""
+    return sorted(p for p in package_dir.rglob("*")
+                  if p.is_file() and p.suffix in _BUNDLED_SUFFIXES
+                  and "__pycache__" not in p.parts)
+
+
+def bundle_package(package_dir: Path) -> bytes:
+    """A zip of kaggle_pipeline/*.py with fixed timestamps."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in _package_files(package_dir):
+            name = (Path(package_dir.name) / path.relative_to(package_dir)).as_posix()
+            bundle.writestr(zipfile.ZipInfo(name, _ZIP_DATE), path.read_bytes(),
+                            compress_type=zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
+
+
+def _set_constant(code: str, name: str, literal: str, code_path: Path) -> str:
+    pattern = re.compile(rf"^{name} = None\b.*$", re.MULTILINE)
+    if len(pattern.findall(code)) != 1:
+        raise KernelError(f"{code_path}: expected one line '{name} = None' for the build to fill")
+    return pattern.sub(lambda _: f"{name} = {literal}", code)
+
+
+def embed(code: str, bundle: bytes, config_text: str | None, code_path: Path) -> str:
+    encoded = base64.b64encode(bundle).decode("ascii")
+    chunks = "\n".join(f'    "{encoded[i:i + 96]}"' for i in range(0, len(encoded), 96))
+    code = _set_constant(code, "PACKAGE_ZIP_B64", f"(\n{chunks}\n)", code_path)
+    if config_text is not None:
+        code = _set_constant(code, "CONFIG_TOML", repr(config_text), code_path)
+    return code
+
+
+def _scan_for_secrets(out: Path, secrets: Sequence[str]) -> None:
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in secrets:
+                if secret.encode() in data:
+                    raise KernelError(f"{path}: contains a Kaggle credential value; "
+                                      "the build was removed")
+
+
+def build(task: str, out: str | os.PathLike, *, username: str | None = None,
+          force: bool = False, kernels_dir: str | os.PathLike = KERNELS_DIR,
+          package_dir: str | os.PathLike = PACKAGE_DIR) -> Path:
+    """Copy kernels/<task>/ to `out` with the owner filled in and the package bundled."""
+    kernels_dir, package_dir, out = Path(kernels_dir), Path(package_dir), Path(out)
+    source = kernels_dir / task
+    if not (source / METADATA_FILE).is_file():
+        raise KernelError(f"unknown kernel {task!r}: no {source / METADATA_FILE}; known: "
+                          f"{', '.join(available_tasks(kernels_dir))}")
+    meta = with_username(load_metadata(source), resolve_username(username))
+    validate_metadata(meta, source)
+    if out.exists() and any(out.iterdir()):
+        if not (force and (out / METADATA_FILE).is_file()):
+            raise KernelError(f"{out}: exists and is not empty (--force replaces an earlier "
+                              "build)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        code_path = source / meta["code_file"]
+        config_path = source / CONFIG_FILE
+        config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+        code = embed(code_path.read_text(encoding="utf-8"), bundle_package(package_dir),
+                     config_text, code_path)
+        (out / meta["code_file"]).write_text(code, encoding="utf-8")
+        if config_text is not None:
+            (out / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        for path in _package_files(package_dir):
+            target = out / package_dir.name / path.relative_to(package_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        validate_metadata(meta, out)
+        _scan_for_secrets(out, _credential_values())
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------- push
+
+
+def kaggle_command() -> list[str]:
+    exe = shutil.which("kaggle")
+    return [exe] if exe else [sys.executable, "-m", "kaggle"]
+
+
+def push(folder: str | os.PathLike) -> int:
+    """Run `kaggle kernels push -p <folder>` once the folder and the credentials check out;
+    returns the CLI's exit code."""
+    folder = Path(folder)
+    meta = load_metadata(folder)
+    validate_metadata(meta, folder)
+    if meta["id"].split("/")[0] == PLACEHOLDER_USERNAME:
+        raise KernelError(f"{folder / METADATA_FILE}: field 'id': still owned by "
+                          f"{PLACEHOLDER_USERNAME!r}; build it with --username")
+    if not credential_sources():
+        raise CredentialsMissing(
+            "no Kaggle credentials: the kaggle CLI reads $KAGGLE_API_TOKEN, "
+            "~/.kaggle/access_token, $KAGGLE_USERNAME + $KAGGLE_KEY, or "
+            f"{kaggle_config_dir() / 'kaggle.json'} "
+            "(username and key); create an API token at kaggle.com/settings and put it in one "
+            "of these")
+    command = [*kaggle_command(), "kernels", "push", "-p", str(folder)]
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kaggle_pipeline.kernels",
+                                     description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_cmd = commands.add_parser("build", help="copy kernels/<task> and bundle the package")
+    build_cmd.add_argument("task")
+    build_cmd.add_argument("--out", required=True, type=Path)
+    build_cmd.add_argument("--username")
+    build_cmd.add_argument("--force", action="store_true",
+                           help="replace an earlier build in --out")
+    build_cmd.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR)
+    push_cmd = commands.add_parser("push", help="kaggle kernels push -p <dir>")
+    push_cmd.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            out = build(args.task, args.out, username=args.username, force=args.force,
+                        kernels_dir=args.kernels_dir)
+            print(f"built {out} ({(out / load_metadata(out)['code_file']).stat().st_size} bytes "
+                  "of code); push it with: python -m kaggle_pipeline.kernels push "
+                  f"{out}")
+            return 0
+        return push(args.dir)
+    except (KernelError, CredentialsMissing) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Next-token cross-entropy computed only where a target is: the 256k-way unembedding is the
+most expensive matmul of a small model, so we never run it on prompt or padding positions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kaggle_pipeline.model import Transformer
+
+
+def max_targets_per_row(rows: list[dict[str, np.ndarray]], multiple: int = 8) -> int:
+    """A static bound on target tokens per row for the whole run (rounded up)."""
+    most = max((int(r["targets"].sum()) for r in rows), default=1)
+    return max(multiple, -(-most // multiple) * multiple)
+
+
+def add_target_slots(batch: dict[str, np.ndarray], max_targets: int) -> dict[str, np.ndarray]:
+    """Per row, the positions that predict a target (i - 1 for target token i), padded to
+    max_targets with index 0 and `loss_valid` False. Host-side, so shapes stay static."""
+    targets = batch["targets"]
+    b = targets.shape[0]
+    src = np.zeros((b, max_targets), np.int32)
+    valid = np.zeros((b, max_targets), bool)
+    for row in range(b):
+        idx = np.nonzero(targets[row])[0]
+        if len(idx) > max_targets:
+            raise ValueError(f"row {row} has {len(idx)} target tokens, more than "
+                             f"max_targets={max_targets}")
+        src[row, : len(idx)] = idx - 1
+        valid[row, : len(idx)] = True
+    return {**batch, "loss_src": src, "loss_valid": valid}
+
+
+def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Array],
+                    rngs: dict | None = None) -> jax.Array:
+    """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid)."""
+    hidden, _ = model.apply(variables, batch["tokens"], batch["positions"], batch["segment_ids"],
+                            return_hidden=True, rngs=rngs)
+    src = batch["loss_src"]
+    picked = jnp.take_along_axis(hidden, src[..., None], axis=1)  # B M D
+    logits = model.apply(variables, picked, method=Transformer.unembed)  # B M V
+    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1)  # B M
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - logz
+
+
+def sequence_loss(model: Transformer, variables: dict, batch: dict[str, jax.Array],
+                  rngs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of target tokens) for one batch."""
+    token_loss = -target_logprobs(model, variables, batch, rngs)
+    valid = batch["loss_valid"]
+    return jnp.sum(jnp.where(valid, token_loss, 0.0)), jnp.sum(valid)

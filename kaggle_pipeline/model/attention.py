@@ -1,0 +1,101 @@
+"""Grouped-query attention with RoPE, optional QK-norm, soft-capping and sliding windows."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kaggle_pipeline.config import AttentionKind, ModelConfig
+from kaggle_pipeline.model import kv_cache
+from kaggle_pipeline.model.layers import Einsum, RMSNorm, lora_delta
+from kaggle_pipeline.model.rope import apply_rope
+
+# The official fill value for masked logits (finite, so fully-masked rows stay NaN-free).
+MASK_VALUE = -2.3819763e38
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    kind: AttentionKind
+    dtype: jnp.dtype = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    def setup(self):
+        c = self.config
+        if c.use_qkv_einsum:
+            self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
+        else:
+            self.q_einsum = Einsum((c.num_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
+            self.kv_einsum = Einsum((2, c.num_kv_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
+        self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.embed_dim), dtype=self.dtype)
+        if c.use_qk_norm:
+            self._query_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
+            self._key_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
+
+    def _lora(self, name, x, eqn_a, eqn_b):
+        return lora_delta(self, name, x, eqn_a, eqn_b, scale=self.lora_scale,
+                          dropout=self.lora_dropout, deterministic=self.deterministic)
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.config.use_qkv_einsum:
+            q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)
+        else:
+            q = self.q_einsum("BTD,NDH->BTNH", x)
+            k, v = self.kv_einsum("BTD,SKDH->SBTKH", x)
+        # LoRA per projection (q, k, v), the shapes PEFT uses for q_proj/k_proj/v_proj.
+        adapted = []
+        for name, proj in (("q", q), ("k", k), ("v", v)):
+            delta = self._lora(name, x, "BTD,Dr->BTr", "BTr,rNH->BTNH")
+            adapted.append(proj if delta is None else proj + delta)
+        return tuple(adapted)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
+                 ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+        """x [B, T, D]; positions [B, T]; mask [B, T, T] (which earlier tokens each may see).
+
+        With a cache: T > 1 is a prefill from an empty cache (right-padded prompts of `lengths`),
+        T == 1 is one decode step that attends over the cache.
+        """
+        c = self.config
+        q, k, v = self._project(x)
+        if c.use_qk_norm:
+            q = self._query_norm(q)
+            k = self._key_norm(k)
+        base, scale = c.rope(self.kind)
+        q = apply_rope(q, positions, base=base, scale=scale) * c.query_pre_attn_scalar
+        k = apply_rope(k, positions, base=base, scale=scale)
+
+        new_cache = None
+        key_positions = positions
+        if cache is not None and x.shape[1] == 1:
+            new_cache = kv_cache.write_step(cache, k, v, positions)
+            k, v, key_positions = new_cache["k"], new_cache["v"], new_cache["pos"]
+            # Decode: every filled slot at or before the query position is visible.
+            mask = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= positions[..., None])
+        elif cache is not None:
+            new_cache = kv_cache.fill_from_prefill(cache, k, v, lengths)
+
+        if self.kind == AttentionKind.LOCAL:
+            window = c.sliding_window
+            qpos, kpos = positions[:, :, None], key_positions[:, None, :]
+            mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
+
+        b, t, n, h = q.shape
+        groups = n // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, groups, h)
+        logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype)).astype(jnp.float32)
+        if c.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+        logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v.astype(self.dtype))
+        encoded = encoded.reshape(b, t, n, h)
+        out = self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
+        delta = self._lora("o", encoded, "BTNH,NHr->BTr", "BTr,rD->BTD")
+        if delta is not None:
+            out = out + delta
+        return out, new_cache

@@ -1,0 +1,186 @@
+"""Submission files in exactly the competition's sample format, validated and written atomically.
+
+The sample fixes everything: the columns and their order, the separator (tab for `.tsv`, comma
+for `.csv`, sniffed from the header otherwise) and the order of the ids. Columns the sample
+already has (e.g. AIFactory's `comment`) are copied from it verbatim; only the label column
+comes from the predictions. A sample without the label column (AIFactory's `test.tsv`: `id`,
+`comment`) gets it appended at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+SEPARATORS = {".tsv": "\t", ".csv": ","}
+_MAX_LISTED = 5  # ids named in one error message
+
+
+class SubmissionError(ValueError):
+    """A submission that does not fit the competition's sample."""
+
+
+def submission_path(task: str, ext: str, now: dt.datetime | None = None, *,
+                    root: str | os.PathLike = "submissions") -> Path:
+    """`submissions/<task>-<YYYYmmdd-HHMMSS>.<ext>`."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task):
+        raise ValueError(f"task name {task!r} must be letters, digits, '-', '_' or '.'")
+    ext = ext.lstrip(".")
+    if "." + ext not in SEPARATORS:
+        raise ValueError(f"submission extension {ext!r}: expected one of csv, tsv")
+    now = now or dt.datetime.now()
+    return Path(root) / f"{task}-{now:%Y%m%d-%H%M%S}.{ext}"
+
+
+def separator_for(path: str | os.PathLike) -> str:
+    """The sample's separator: by extension, else tab if the header line has one."""
+    path = Path(path)
+    if path.suffix.lower() in SEPARATORS:
+        return SEPARATORS[path.suffix.lower()]
+    with open(path, encoding="utf-8") as f:
+        header = f.readline()
+    return "\t" if "\t" in header else ","
+
+
+def read_sample(path: str | os.PathLike) -> pl.DataFrame:
+    """Every column as text, so ids such as `007` keep their form."""
+    sep = separator_for(path)
+    # TSV samples are unquoted: a comment that starts with '"' is text, not a quoted field.
+    return pl.read_csv(path, separator=sep, infer_schema=False,
+                       quote_char=None if sep == "\t" else '"')
+
+
+def _listed(values: Iterable) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:_MAX_LISTED])
+    more = f" and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else ""
+    return shown + more
+
+
+def _as_text(values: pl.Series) -> list[str | None]:
+    return [None if v is None else str(v) for v in values.to_list()]
+
+
+def build_submission(df: pl.DataFrame, sample: pl.DataFrame, *, id_col: str, label_col: str,
+                     label_domain: Iterable | None, source: str = "predictions",
+                     sample_name: str = "sample") -> pl.DataFrame:
+    """The sample's rows and columns with the label column filled from `df`, or a
+    SubmissionError naming the file, row and field at fault."""
+    for name, frame, cols in ((source, df, (id_col, label_col)), (sample_name, sample, (id_col,))):
+        for col in cols:
+            if col not in frame.columns:
+                raise SubmissionError(f"{name}: no column {col!r} (columns: {frame.columns})")
+
+    sample_ids = _as_text(sample[id_col])
+    seen: dict[str, int] = {}
+    for row, value in enumerate(sample_ids):
+        if value is None or value == "":
+            raise SubmissionError(f"{sample_name}: row {row}, field {id_col!r}: empty id")
+        if value in seen:
+            raise SubmissionError(f"{sample_name}: rows {seen[value]} and {row}, field "
+                                  f"{id_col!r}: duplicate id {value!r}")
+        seen[value] = row
+
+    pred_ids, labels = _as_text(df[id_col]), df[label_col].to_list()
+    label_by_id: dict[str, object] = {}
+    first_row: dict[str, int] = {}
+    for row, (value, label) in enumerate(zip(pred_ids, labels, strict=True)):
+        if value is None:
+            raise SubmissionError(f"{source}: row {row}, field {id_col!r}: null id")
+        if value in first_row:
+            raise SubmissionError(f"{source}: rows {first_row[value]} and {row}, field "
+                                  f"{id_col!r}: duplicate id {value!r}")
+        first_row[value] = row
+        label_by_id[value] = label
+
+    missing = [i for i in sample_ids if i not in label_by_id]
+    if missing:
+        raise SubmissionError(f"{source}: {len(missing)} ids of {sample_name} have no "
+                              f"prediction (field {id_col!r}): {_listed(missing)}")
+    extra = [i for i in pred_ids if i not in seen]
+    if extra:
+        raise SubmissionError(f"{source}: {len(extra)} ids are not in {sample_name} (field "
+                              f"{id_col!r}): {_listed(extra)}")
+
+    # Labels are checked in the text form they will have in the file.
+    domain = None if label_domain is None else {str(v) for v in label_domain}
+    texts = []
+    for value in sample_ids:
+        label, row = label_by_id[value], first_row[value]
+        if label is None or (isinstance(label, float) and label != label):
+            raise SubmissionError(f"{source}: row {row} (id {value!r}), field {label_col!r}: "
+                                  "null label")
+        text = str(label)
+        if domain is not None and text not in domain:
+            raise SubmissionError(f"{source}: row {row} (id {value!r}), field {label_col!r}: "
+                                  f"label {text!r} is not one of {sorted(domain)}")
+        if domain is None and not text.strip():
+            raise SubmissionError(f"{source}: row {row} (id {value!r}), field {label_col!r}: "
+                                  "empty label")
+        texts.append(text)
+
+    labelled = sample.with_columns(pl.Series(label_col, texts, dtype=pl.String))
+    columns = sample.columns if label_col in sample.columns else [*sample.columns, label_col]
+    return labelled.select(columns)
+
+
+def _check_unquoted_cells(frame: pl.DataFrame, sep: str, path: Path) -> None:
+    # A TSV is written unquoted like the sample, so a tab or newline inside a cell would
+    # shift columns; refuse it.
+    for col in frame.columns:
+        for row, value in enumerate(frame[col].to_list()):
+            if value is not None and (sep in value or "\n" in value or "\r" in value):
+                raise SubmissionError(f"{path}: row {row}, field {col!r}: value contains a "
+                                      "tab or line break, which a TSV cannot hold")
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call write(temp_path), then move the temp file over `path`; on any error the temp file
+    is removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_submission(df: pl.DataFrame, path: str | os.PathLike, *,
+                     sample: pl.DataFrame | str | os.PathLike, id_col: str, label_col: str,
+                     label_domain: Iterable | None, sep: str | None = None) -> Path:
+    """Write `df`'s labels in the sample's format to `path`; returns the path.
+
+    `sample` is the competition's sample file (its separator is used) or a DataFrame (then the
+    separator comes from `sep`, else from `path`'s extension). `label_domain=None` accepts any
+    non-empty text (generation tasks). Nothing is written when validation fails.
+    """
+    path = Path(path)
+    if isinstance(sample, pl.DataFrame):
+        sample_frame, sample_name = sample, "sample"
+        if sep is None:
+            if path.suffix.lower() not in SEPARATORS:
+                raise ValueError(f"{path}: give sep= or a .csv/.tsv path")
+            sep = SEPARATORS[path.suffix.lower()]
+    else:
+        sample_frame, sample_name = read_sample(sample), str(sample)
+        sep = sep or separator_for(sample)
+    frame = build_submission(df, sample_frame, id_col=id_col, label_col=label_col,
+                             label_domain=label_domain, sample_name=sample_name)
+    if sep == "\t":
+        _check_unquoted_cells(frame, sep, path)
+        write_atomically(path, lambda tmp: frame.write_csv(tmp, separator=sep,
+                                                           quote_style="never"))
+    else:
+        write_atomically(path, lambda tmp: frame.write_csv(tmp, separator=sep))
+    return path

@@ -1,0 +1,357 @@
+"""Tasks: which file reader, which prompt, which answer; records in, conversations out.
+
+A `TaskSpec` says how to read a task's files (`reader`) and how each record becomes a
+conversation: the user text is the `prompt` template filled from the record's columns
+(`{column}` placeholders), the model text is the `answer` template, or for classification the
+label's word from `label_map` (so predictions can be scored by mapping words back to labels).
+Dialogue tasks take their turns from a list column instead. `style` is how `chat_template`
+renders the turns: "chat" (Gemma's chat turns) or "plain" (the Keras tutorials'
+"Instruction:\n...\n\nResponse:\n..." text, one exchange only).
+
+Built-in tasks: `tarr-sentiment` (the default, AIFactory review sentiment), `dolly-en-ko`,
+`aihub-dialogue`, `aihub-parallel`, `aihub-summarization`, `aihub-qa`. `get_task(name,
+**options)` builds one, options overriding the builder's defaults, e.g.
+`get_task("aihub-parallel", source_lang="en", target_lang="ko")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import random
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import polars as pl
+
+from kaggle_pipeline import records
+from kaggle_pipeline.chat_template import Style, Turn
+
+Conversation = list[Turn]
+
+KINDS = ("classification", "generation")
+STYLES = ("chat", "plain")  # chat_template's styles
+READERS = ("tarr", "dolly", "aihub-dialogue", "aihub-parallel", "aihub-summarization",
+           "aihub-qa")
+LANGUAGES = {"ko": "Korean", "en": "English", "zh": "Chinese", "ja": "Japanese"}
+DEFAULT_TASK = "tarr-sentiment"
+
+
+class TemplateError(ValueError):
+    """A prompt or answer template that does not fit the task's columns."""
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{column}` placeholders of a template, in order.
+
+    Only plain names are allowed: no `{}`, `{0}`, `{a.b}`, `{a[0]}`, `{a!r}` or `{a:>5}`,
+    so a value can never be reached into or reformatted. `{{` and `}}` are literal braces.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise TemplateError(f"template {template!r}: {err} (write '{{{{' or '}}}}' for a "
+                            "literal brace)") from None
+    names = []
+    for _, name, format_spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.strip() or name.isdigit() or any(c in name for c in ".[]"):
+            raise TemplateError(f"template {template!r}: placeholder {{{name}}} must be a "
+                                "column name")
+        if format_spec or conversion:
+            raise TemplateError(f"template {template!r}: placeholder {{{name}}} may not have a "
+                                "conversion or format spec")
+        names.append(name)
+    return names
+
+
+def check_template(template: str, columns: Sequence[str], *, what: str) -> None:
+    """Raise TemplateError naming the first placeholder that is not one of `columns`."""
+    for name in template_fields(template):
+        if name not in columns:
+            raise TemplateError(f"{what} uses {{{name}}}, which is not a column; available "
+                                f"columns: {', '.join(columns)}")
+
+
+def render(template: str, row: dict[str, Any]) -> str:
+    """Fill a checked template; braces inside the values stay as they are."""
+    return template.format_map({k: "" if v is None else v for k, v in row.items()})
+
+
+# ----------------------------------------------------------------------------- task specs
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "classification" | "generation"
+    reader: str  # one of READERS
+    prompt: str | None  # user text, `{column}` placeholders; None for dialogue
+    answer: str | None = None  # model text for generation tasks
+    style: Style = "chat"  # how chat_template renders the turns, one of STYLES
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # file column -> ours
+    label_column: str | None = None
+    label_map: dict[int | str, str] | None = None  # label -> the word the model answers
+    turns_column: str | None = None  # dialogue: utterances, user first, alternating
+    id_column: str | None = "id"
+    output_columns: tuple[str, ...] = ()  # the submission's columns
+    source_lang: str | None = None  # translation
+    target_lang: str | None = None
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.kind, KINDS, "kind"),
+                                     (self.style, STYLES, "style"),
+                                     (self.reader, READERS, "reader")):
+            if value not in allowed:
+                raise ValueError(f"task {self.name!r}: {what} {value!r}, expected one of "
+                                 f"{', '.join(allowed)}")
+        if self.turns_column is None and self.prompt is None:
+            raise ValueError(f"task {self.name!r}: needs a prompt template or a turns column")
+        if self.turns_column is not None and self.style == "plain":
+            raise ValueError(f"task {self.name!r}: the plain style holds one exchange; "
+                             "a dialogue needs the chat style")
+        for template in (self.prompt, self.answer):
+            if template is not None:
+                template_fields(template)  # syntax only; columns are checked per file
+        if self.kind == "classification":
+            if not self.label_column or not self.label_map:
+                raise ValueError(f"task {self.name!r}: classification needs label_column and "
+                                 "label_map")
+            words = [word.strip() for word in self.label_map.values()]
+            if len(set(words)) != len(words) or not all(words):
+                raise ValueError(f"task {self.name!r}: label words must be distinct and "
+                                 f"non-empty, got {self.label_map}")
+        elif self.turns_column is None and self.answer is None:
+            raise ValueError(f"task {self.name!r}: a generation task needs an answer template")
+
+    @property
+    def stratify_column(self) -> str | None:
+        """The column a train/validation split keeps the proportions of."""
+        return self.label_column if self.kind == "classification" else None
+
+    def replace(self, **changes) -> TaskSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def sentiment_task(name: str = DEFAULT_TASK, *, label_map: dict[int | str, str] | None = None,
+                   prompt: str | None = None, text_column: str = "comment",
+                   label_column: str = "label", reader: str = "tarr",
+                   columns: dict[str, str] | None = None, style: Style = "chat",
+                   output_columns: tuple[str, ...] = ("id", "comment", "label")) -> TaskSpec:
+    """Review sentiment as classification: the model answers with the label's word."""
+    label_map = label_map or {1: "긍정", 0: "부정"}
+    if prompt is None:
+        words = ", ".join(label_map.values())
+        prompt = ("다음 식당 리뷰의 감정을 분류하세요. 다음 중 하나로만 답하세요: "
+                  f"{words}\n\n리뷰: {{{text_column}}}")
+    return TaskSpec(name=name, kind="classification", reader=reader, prompt=prompt,
+                    style=style, columns=dict(columns or {}), label_column=label_column,
+                    label_map=dict(label_map), output_columns=output_columns)
+
+
+def translation_task(name: str, *, source_lang: str, target_lang: str, reader: str,
+                     prompt: str | None = None, columns: dict[str, str] | None = None,
+                     style: Style = "chat") -> TaskSpec:
+    """Translation from `source_lang` to `target_lang`; the records hold one column per
+    language code ("ko", "en", "zh", "ja")."""
+    for lang in (source_lang, target_lang):
+        if lang not in LANGUAGES:
+            raise ValueError(f"task {name!r}: language {lang!r}, expected one of "
+                             f"{', '.join(LANGUAGES)}")
+    if source_lang == target_lang:
+        raise ValueError(f"task {name!r}: source and target language are both {source_lang!r}")
+    if prompt is None:
+        prompt = (f"Translate the following {LANGUAGES[source_lang]} text into "
+                  f"{LANGUAGES[target_lang]}.\n\n{{{source_lang}}}")
+    return TaskSpec(name=name, kind="generation", reader=reader, prompt=prompt,
+                    answer=f"{{{target_lang}}}", style=style, columns=dict(columns or {}),
+                    output_columns=("id", target_lang), source_lang=source_lang,
+                    target_lang=target_lang)
+
+
+def dialogue_task(name: str = "aihub-dialogue", *, reader: str = "aihub-dialogue",
+                  style: Style = "chat") -> TaskSpec:
+    """Multi-turn chat: human utterances are user turns, system utterances model turns."""
+    return TaskSpec(name=name, kind="generation", reader=reader, prompt=None,
+                    style=style, turns_column="turns", output_columns=("id", "response"))
+
+
+def summarization_task(name: str = "aihub-summarization", *,
+                       reader: str = "aihub-summarization", prompt: str | None = None,
+                       columns: dict[str, str] | None = None,
+                       style: Style = "chat") -> TaskSpec:
+    return TaskSpec(name=name, kind="generation", reader=reader,
+                    prompt=prompt or "다음 글을 요약하세요.\n\n{document}", answer="{summary}",
+                    style=style, columns=dict(columns or {}),
+                    output_columns=("id", "summary"))
+
+
+def qa_task(name: str = "aihub-qa", *, reader: str = "aihub-qa", prompt: str | None = None,
+            columns: dict[str, str] | None = None, style: Style = "chat") -> TaskSpec:
+    default = "다음 글을 읽고 질문에 답하세요.\n\n글: {context}\n\n질문: {question}"
+    return TaskSpec(name=name, kind="generation", reader=reader, prompt=prompt or default,
+                    answer="{answer}", style=style, columns=dict(columns or {}),
+                    output_columns=("id", "answer"))
+
+
+_BUILT_IN: dict[str, Callable[..., TaskSpec]] = {
+    "tarr-sentiment": functools.partial(sentiment_task, "tarr-sentiment"),
+    "dolly-en-ko": functools.partial(translation_task, "dolly-en-ko", source_lang="en",
+                                     target_lang="ko", reader="dolly"),
+    "aihub-dialogue": functools.partial(dialogue_task, "aihub-dialogue"),
+    # The ko-en Excel sheets of AI Hub name their columns 원문 (Korean) and 번역문 (English).
+    "aihub-parallel": functools.partial(translation_task, "aihub-parallel", source_lang="ko",
+                                        target_lang="en", reader="aihub-parallel",
+                                        columns={"원문": "ko", "번역문": "en"}),
+    "aihub-summarization": functools.partial(summarization_task, "aihub-summarization"),
+    "aihub-qa": functools.partial(qa_task, "aihub-qa"),
+}
+TASK_NAMES = tuple(_BUILT_IN)
+
+
+def get_task(name: str = DEFAULT_TASK, **options) -> TaskSpec:
+    """A built-in task; `options` override its builder's defaults (prompt, label_map, ...)."""
+    if name not in _BUILT_IN:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASK_NAMES)}")
+    return _BUILT_IN[name](**options)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def load_records(spec: TaskSpec, path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 labelled: bool = True, on_bad_row: str = "error") -> records.ReadResult:
+    """Read a task's file with its reader. Dolly takes a pair of paths: (English, Korean)."""
+    if spec.reader == "dolly":
+        if isinstance(path, (str, os.PathLike)) or len(path) != 2:
+            raise ValueError(f"task {spec.name!r} reads two files, (English, Korean) JSON "
+                             f"lines; got {path!r}")
+        return records.read_dolly_pairs(path[0], path[1], on_bad_row=on_bad_row)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"task {spec.name!r} reads one file, got {path!r}")
+    columns = spec.columns or None
+    if spec.reader == "tarr":
+        return records.read_tarr(path, labelled=labelled, labels=tuple(spec.label_map or ()),
+                                 columns=columns, on_bad_row=on_bad_row)
+    if spec.reader == "aihub-dialogue":
+        return records.read_aihub_dialogue(path, on_bad_row=on_bad_row)
+    if spec.reader == "aihub-parallel":
+        return records.read_parallel(path, languages=(spec.source_lang, spec.target_lang),
+                                     columns=columns, labelled=labelled, on_bad_row=on_bad_row)
+    if spec.reader == "aihub-summarization":
+        return records.read_summarization(path, columns=columns, labelled=labelled,
+                                          on_bad_row=on_bad_row)
+    return records.read_qa(path, columns=columns, labelled=labelled, on_bad_row=on_bad_row)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One record as a conversation; it ends with the model's answer when that is known."""
+
+    id: Any
+    conversation: Conversation
+    label: int | str | None = None  # classification: the record's label
+
+    @property
+    def prompt(self) -> Conversation:
+        """The turns the model is given: everything before the final model turn."""
+        if self.conversation and self.conversation[-1].role == "model":
+            return self.conversation[:-1]
+        return self.conversation
+
+    @property
+    def answer(self) -> str | None:
+        if self.conversation and self.conversation[-1].role == "model":
+            return self.conversation[-1].text
+        return None
+
+
+def _check_columns(spec: TaskSpec, columns: Sequence[str], with_answers: bool) -> None:
+    """Fail before the first row if the task asks for a column the records do not have."""
+    needed = [spec.id_column, spec.turns_column]
+    if with_answers and spec.kind == "classification":
+        needed.append(spec.label_column)
+    for name in needed:
+        if name is not None and name not in columns:
+            raise TemplateError(f"task {spec.name!r} needs the column {name!r}; available "
+                                f"columns: {', '.join(columns)}")
+    if spec.prompt is not None:
+        check_template(spec.prompt, columns, what=f"prompt template of task {spec.name!r}")
+    if with_answers and spec.answer is not None:
+        check_template(spec.answer, columns, what=f"answer template of task {spec.name!r}")
+
+
+def _dialogue(spec: TaskSpec, row: dict[str, Any], number: int) -> Conversation:
+    utterances = row[spec.turns_column]
+    if not utterances or len(utterances) % 2:
+        raise ValueError(f"task {spec.name!r}: row {number}, field {spec.turns_column!r}: "
+                         f"expected user and model utterances in pairs, got {utterances!r}")
+    return [Turn("user" if i % 2 == 0 else "model", text) for i, text in enumerate(utterances)]
+
+
+def _answer(spec: TaskSpec, row: dict[str, Any], number: int) -> str:
+    if spec.kind == "generation":
+        return render(spec.answer, row)
+    label = row[spec.label_column]
+    if label not in spec.label_map:
+        raise ValueError(f"task {spec.name!r}: row {number}, field {spec.label_column!r}: "
+                         f"label {label!r} is not in the label map {spec.label_map}")
+    return spec.label_map[label]
+
+
+def build_examples(spec: TaskSpec, frame: pl.DataFrame, *,
+                   with_answers: bool = True) -> list[Example]:
+    """One Example per row. Without answers (a test file) each conversation ends with the
+    user turn the model must answer; a dialogue then drops its last model turn."""
+    _check_columns(spec, frame.columns, with_answers)
+    examples = []
+    for number, row in enumerate(frame.iter_rows(named=True), start=1):
+        example_id = row[spec.id_column] if spec.id_column else number
+        if spec.turns_column is not None:
+            turns = _dialogue(spec, row, number)
+            examples.append(Example(example_id, turns if with_answers else turns[:-1]))
+            continue
+        turns = [Turn("user", render(spec.prompt, row))]
+        if with_answers:
+            turns.append(Turn("model", _answer(spec, row, number)))
+        label = row[spec.label_column] if with_answers and spec.kind == "classification" \
+            else None
+        examples.append(Example(example_id, turns, label))
+    return examples
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def train_validation_split(frame: pl.DataFrame, *, validation_fraction: float, seed: int,
+                           stratify_by: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(train, validation), the same for the same seed; rows keep their order.
+
+    With `stratify_by`, each value of that column sends round(n * fraction) of its n rows to
+    validation, so both parts keep the label proportions.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if stratify_by is not None and stratify_by not in frame.columns:
+        raise ValueError(f"cannot stratify by {stratify_by!r}: columns are {frame.columns}")
+    keys = frame[stratify_by].to_list() if stratify_by else [None] * len(frame)
+    strata: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        strata.setdefault(key, []).append(index)
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for key in sorted(strata, key=repr):  # a fixed order, whatever the row order
+        indices = strata[key]
+        rng.shuffle(indices)
+        chosen.update(indices[:int(len(indices) * validation_fraction + 0.5)])
+    in_validation = pl.Series([index in chosen for index in range(len(frame))])
+    return frame.filter(~in_validation), frame.filter(in_validation)

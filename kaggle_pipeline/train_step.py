@@ -1,0 +1,92 @@
+"""One jitted, sharded optimizer step over either LoRA factors or all params.
+
+State is a plain dict pytree: {"step", "trainable", "opt_state"}. The frozen base params are a
+separate argument: never differentiated, never in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from kaggle_pipeline import sharding as shd
+from kaggle_pipeline.checkpoints.common import flatten
+from kaggle_pipeline.loss import sequence_loss
+from kaggle_pipeline.model import Transformer
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the compiled step and the shardings it was compiled for."""
+
+    model: Transformer
+    optimizer: optax.GradientTransformation
+    mesh: Mesh
+    mode: str  # "lora" | "full"
+    seed: int = 0
+
+    def variables(self, trainable: dict, frozen: dict) -> dict:
+        if self.mode == "lora":
+            return {"params": frozen, "lora": trainable}
+        return {"params": trainable}
+
+    def init_state(self, trainable: dict) -> dict:
+        trainable = jax.device_put(trainable, self.trainable_shardings(trainable))
+        opt_state = jax.jit(self.optimizer.init,
+                            out_shardings=self._opt_shardings(trainable))(trainable)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
+        return {"step": step, "trainable": trainable, "opt_state": opt_state}
+
+    def trainable_shardings(self, trainable: dict):
+        return shd.param_shardings(trainable, self.mesh, self.model.config.transpose_gating_einsum)
+
+    def frozen_shardings(self, frozen: dict):
+        return shd.param_shardings(frozen, self.mesh, self.model.config.transpose_gating_einsum)
+
+    def _opt_shardings(self, trainable: dict):
+        flat = flatten(self.trainable_shardings(trainable))
+        abstract = jax.eval_shape(self.optimizer.init, trainable)
+        return shd.like_params_shardings(abstract, flat, self.mesh)
+
+    def state_shardings(self, state: dict):
+        return {"step": shd.replicated(self.mesh),
+                "trainable": self.trainable_shardings(state["trainable"]),
+                "opt_state": self._opt_shardings(state["trainable"])}
+
+    def compile_step(self, state: dict, frozen: dict) -> Callable:
+        model, optimizer = self.model, self.optimizer
+        dropout_key = jax.random.key(self.seed)
+
+        def step(state, frozen, batch):
+            rngs = {"dropout": jax.random.fold_in(dropout_key, state["step"])}
+
+            def loss_fn(trainable):
+                total, count = sequence_loss(model, self.variables(trainable, frozen), batch, rngs)
+                return total / jnp.maximum(count, 1), (total, count)
+
+            (loss, (total, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["trainable"])
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+            trainable = optax.apply_updates(state["trainable"], updates)
+            metrics = {"loss": loss, "loss_sum": total, "target_tokens": count,
+                       "grad_norm": optax.global_norm(grads)}
+            return {"step": state["step"] + 1, "trainable": trainable,
+                    "opt_state": opt_state}, metrics
+
+        state_sh = self.state_shardings(state)
+        frozen_sh = self.frozen_shardings(frozen)
+        batch_sh = {k: shd.batch_sharding(self.mesh) for k in BATCH_KEYS}
+        return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, shd.replicated(self.mesh)),
+                       donate_argnums=(0,))
+
+    def put_batch(self, batch: dict) -> dict:
+        return shd.local_batch_to_global({k: batch[k] for k in BATCH_KEYS},
+                                         shd.batch_sharding(self.mesh))

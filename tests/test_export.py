@@ -1,0 +1,250 @@
+"""Export: a trained adapter loads into PEFT and a merged checkpoint into transformers with our
+logits; Orbax merged export and our own adapter directory round-trip."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from kaggle_pipeline.checkpoints.hf_format import load_hf
+from kaggle_pipeline.checkpoints.orbax_format import load_orbax
+from kaggle_pipeline.config import tiny_config
+from kaggle_pipeline.export import (
+    export_merged,
+    export_peft_adapter,
+    load_adapter,
+    save_adapter,
+)
+from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora, merge_lora
+from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.optim import OptimConfig, make_optimizer
+from kaggle_pipeline.packing import batches, pack
+from kaggle_pipeline.sharding import make_mesh
+from kaggle_pipeline.train_step import Trainer
+
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+SEQ_LEN = 16
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, head_dim=8,
+             num_attention_heads=4, num_hidden_layers=3, rms_norm_eps=1e-6)
+HF_MODELS = {
+    # Gemma 2 with grouped kv heads; Gemma 3 with one kv head, like the 270M.
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+        **SMALL, num_key_value_heads=2, sliding_window=5, query_pre_attn_scalar=12,
+        attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        **SMALL, num_key_value_heads=1, sliding_window=6, query_pre_attn_scalar=20)),
+}
+
+
+def _hf_checkpoint(family: str, directory):
+    """A transformers-written checkpoint with every weight random (norms too)."""
+    model_class, hf_config = HF_MODELS[family]
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_class(hf_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if "norm" in name else 0.2)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def _train_adapter(config, params, lora_config, steps: int = 4) -> dict:
+    """A few real LoRA steps, so every B is non-zero and shaped by gradients."""
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(16):
+        n = int(rng.integers(4, SEQ_LEN))
+        examples.append((rng.integers(3, config.vocab_size, n), np.arange(n) >= n // 2))
+    rows, _ = pack(examples, SEQ_LEN)
+    trainer = Trainer(Transformer(config, lora_scale=lora_config.scale),
+                      make_optimizer(OptimConfig(learning_rate=0.05), steps),
+                      make_mesh(devices=jax.devices()[:1]), "lora")
+    state = trainer.init_state(init_lora(config, lora_config, jax.random.key(1)))
+    step = trainer.compile_step(state, params)
+    for batch in list(batches(rows, 4, seed=0, epoch=0))[:steps]:
+        state, _ = step(state, params,
+                        trainer.put_batch(add_target_slots(batch, max_targets_per_row(rows))))
+    return jax.device_get(state["trainable"])
+
+
+def _batch(vocab_size: int):
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(3, vocab_size, (2, SEQ_LEN)).astype(np.int32)
+    segment_ids = np.ones_like(tokens)
+    segment_ids[1, 11:] = 0  # right-padded second row
+    return np.where(segment_ids == 1, tokens, 0), segment_ids
+
+
+def _our_logits(config, variables, lora_scale, tokens, segment_ids) -> np.ndarray:
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    apply = jax.jit(Transformer(config, lora_scale=lora_scale).apply)
+    return np.asarray(apply(variables, tokens, positions, segment_ids)[0])
+
+
+def _torch_logits(model, tokens, segment_ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens).long(),
+                     attention_mask=torch.from_numpy(segment_ids).long()).logits.float().numpy()
+
+
+def _rel_err(ours, ref, segment_ids) -> float:
+    real = segment_ids.astype(bool)
+    return float(np.max(np.abs(ours[real] - ref[real])) / np.max(np.abs(ref[real])))
+
+
+@pytest.mark.parametrize("family", list(HF_MODELS))
+def test_trained_adapter_loads_in_peft_and_merged_export_in_transformers(family, tmp_path):
+    hf_model = _hf_checkpoint(family, tmp_path / "base")
+    config, params = load_hf(tmp_path / "base")
+    lora_config = LoraConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)
+    lora = _train_adapter(config, params, lora_config)
+    assert all(np.abs(leaf).min() > 0 for leaf in jax.tree.leaves(lora))  # B trained too
+
+    tokens, segment_ids = _batch(config.vocab_size)
+    base = _torch_logits(hf_model, tokens, segment_ids)
+    ours = _our_logits(config, {"params": params, "lora": lora}, lora_config.scale, tokens,
+                       segment_ids)
+    assert _rel_err(ours, base, segment_ids) > 1e-2  # the adapter changes the model
+
+    out = export_peft_adapter(lora, lora_config, config, tmp_path / "peft", "tiny-base")
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert {k: adapter_config[k] for k in ("peft_type", "task_type", "r", "lora_alpha",
+                                           "lora_dropout", "base_model_name_or_path")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "base_model_name_or_path": "tiny-base"}
+    assert adapter_config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"]
+    with safe_open(out / "adapter_model.safetensors", framework="numpy") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert len(shapes) == config.num_layers * len(ALL_TARGETS) * 2
+    q = "base_model.model.model.layers.2.self_attn.q_proj"
+    assert shapes[q + ".lora_A.weight"] == [4, config.embed_dim]
+    assert shapes[q + ".lora_B.weight"] == [config.num_heads * config.head_dim, 4]
+    o = "base_model.model.model.layers.0.self_attn.o_proj"
+    assert shapes[o + ".lora_A.weight"] == [4, config.num_heads * config.head_dim]
+    assert shapes[o + ".lora_B.weight"] == [config.embed_dim, 4]
+    assert not list(tmp_path.glob(".peft*"))  # the temp dir was renamed away
+
+    peft_model = peft.PeftModel.from_pretrained(hf_model, out).eval()
+    assert _rel_err(ours, _torch_logits(peft_model, tokens, segment_ids), segment_ids) <= 1e-5
+
+    merged_dir = export_merged(params, lora, config, lora_config, tmp_path / "merged",
+                               dtype=jnp.float32)
+    merged_model = transformers.AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(merged_model) is HF_MODELS[family][0]
+    assert _rel_err(ours, _torch_logits(merged_model, tokens, segment_ids), segment_ids) <= 1e-5
+
+
+def test_adapter_for_multimodal_gemma3_adapts_only_the_language_model(tmp_path):
+    text = transformers.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 2},
+                                         num_key_value_heads=1, sliding_window=6)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    hf_config = transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=1,
+        boi_token_index=93, eoi_token_index=94, image_token_index=95)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(1)
+    hf_model = transformers.Gemma3ForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.normal_(0.0, 0.2)
+    hf_model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    config, params = load_hf(tmp_path / "base")
+    lora_config = LoraConfig(rank=2, alpha=4.0, targets=ALL_TARGETS)
+    lora = _random_lora(config, lora_config)
+
+    out = export_peft_adapter(lora, lora_config, config, tmp_path / "peft",
+                              layers_prefix="model.language_model.")
+    peft_model = peft.PeftModel.from_pretrained(hf_model, out).eval()
+    adapted = {name for name, module in peft_model.named_modules()
+               if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert len(adapted) == config.num_layers * len(ALL_TARGETS)
+    assert all(".language_model.layers." in name for name in adapted)  # vision q_proj untouched
+
+    tokens, segment_ids = _batch(90)
+    ours = _our_logits(config, {"params": params, "lora": lora}, lora_config.scale, tokens,
+                       segment_ids)
+    assert _rel_err(ours, _torch_logits(peft_model, tokens, segment_ids), segment_ids) <= 1e-5
+
+
+def _random_lora(config, lora_config, seed: int = 0, dtype=jnp.float32) -> dict:
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), dtype),
+                        init_lora(config, lora_config, jax.random.key(0)))
+
+
+def test_merged_orbax_export_holds_the_merged_params(tmp_path):
+    config = tiny_config("gemma3", num_layers=2, num_kv_heads=4)  # fused qkv_einsum
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), jnp.float32),
+                          abstract_params(config))
+    lora_config = LoraConfig(rank=2, alpha=4.0, targets=ALL_TARGETS)
+    lora = _random_lora(config, lora_config)
+
+    out = export_merged(params, lora, config, lora_config, tmp_path / "model", fmt="orbax",
+                        dtype=jnp.float32)
+    _, loaded = load_orbax(out, config)
+    jax.tree.map(np.testing.assert_array_equal, loaded,
+                 merge_lora(params, lora, config, lora_config))
+    with pytest.raises(ValueError, match="unknown export format 'gguf'"):
+        export_merged(params, lora, config, lora_config, tmp_path / "x", fmt="gguf")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_and_load_adapter_round_trip(dtype, tmp_path):
+    config = tiny_config("gemma2", num_layers=2)
+    lora_config = LoraConfig(rank=3, alpha=5.0, dropout=0.1, targets=("q", "v", "down"))
+    lora = _random_lora(config, lora_config, dtype=dtype)
+
+    path = save_adapter(lora, lora_config, tmp_path / "adapter")
+    loaded, loaded_config = load_adapter(path, config)
+    assert loaded_config == lora_config
+    assert jax.tree.structure(loaded) == jax.tree.structure(lora)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(lora), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # Saving again replaces the old adapter whole, leaving no temp dirs behind.
+    save_adapter(jax.tree.map(lambda x: x + 1, lora), lora_config, path)
+    again, _ = load_adapter(path)
+    np.testing.assert_array_equal(np.asarray(again["layer_1"]["mlp"]["down"]["b"]),
+                                  np.asarray(lora["layer_1"]["mlp"]["down"]["b"] + 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_load_adapter_errors_name_the_file_and_field(tmp_path):
+    config = tiny_config("gemma2", num_layers=2)
+    lora_config = LoraConfig(rank=2, targets=("q", "o"))
+    path = save_adapter(_random_lora(config, lora_config), lora_config, tmp_path / "adapter")
+
+    with pytest.raises(ValueError, match=r"lora.safetensors: .*layer_0/attn/q/b has shape "
+                                         r"\(2, 4, 16\), expected \(2, 4, 8\)"):
+        load_adapter(path, config.replace(head_dim=8))
+    with pytest.raises(FileNotFoundError, match="lora.safetensors"):
+        load_adapter(tmp_path / "missing")
+
+    config_file = path / "lora_config.json"
+    good = json.loads(config_file.read_text())
+    for field, value, message in [("rank", "two", "field 'rank' = 'two' is not int"),
+                                  ("targets", ["q", "x"], "unknown LoRA targets"),
+                                  ("format", "other", "field 'format' is 'other'")]:
+        config_file.write_text(json.dumps({**good, field: value}))
+        with pytest.raises(ValueError, match=f"lora_config.json: .*{message}"):
+            load_adapter(path)
+    config_file.write_text("{\n  oops")
+    with pytest.raises(ValueError, match="lora_config.json: invalid JSON at line 2"):
+        load_adapter(path)

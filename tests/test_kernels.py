@@ -1,0 +1,405 @@
+"""Kaggle kernels: metadata the kaggle CLI accepts, builds without secrets, push checks, and a
+simulated kernel run. No test touches the network: sockets refuse to connect."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kaggle_pipeline import kernels
+from kaggle_pipeline.kernels import KernelError, build, validate_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["aihub-dialogue", "dolly-en-ko", "tarr-sentiment", "template"]
+SECRETS = {
+    "key": "kagglekey-SECRET-0123456789abcdef",
+    "token": "KGAT_SECRET_fedcba9876543210",
+    "file_token": "KGAT_FILE_SECRET_00112233445566",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"network call attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def clean_home(tmp_path, monkeypatch):
+    """A HOME with no Kaggle credentials and no KAGGLE_* variables."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_"):
+            monkeypatch.delenv(name)
+    return home
+
+
+@pytest.fixture
+def secret_home(clean_home, monkeypatch):
+    """Fake credentials everywhere the kaggle CLI looks."""
+    kaggle_dir = clean_home / ".kaggle"
+    kaggle_dir.mkdir()
+    (kaggle_dir / "kaggle.json").write_text(
+        json.dumps({"username": "alice", "key": SECRETS["key"]}), encoding="utf-8")
+    (kaggle_dir / "access_token").write_text(SECRETS["file_token"] + "\n", encoding="utf-8")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["key"])
+    monkeypatch.setenv("KAGGLE_API_TOKEN", SECRETS["token"])
+    return clean_home
+
+
+@pytest.fixture
+def kaggle_api(clean_home, monkeypatch):
+    """The installed kaggle CLI's API object, with a fake client that records the push."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    api.config_values = {"username": "alice"}
+    pushed = []
+
+    class FakeClient:
+        def __enter__(self):
+            save = lambda request: pushed.append(request) or "ok"  # noqa: E731
+            kernels_api = type("K", (), {"kernels_api_client": type("C", (), {
+                "save_kernel": staticmethod(save)})})
+            return type("Client", (), {"kernels": kernels_api})
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(api, "build_kaggle_client", FakeClient)
+    api.pushed = pushed
+    return api
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def test_kernel_folders_are_the_expected_ones():
+    assert kernels.available_tasks() == TASKS
+
+
+def test_required_fields_are_the_kaggle_cli_template_fields(kaggle_api, tmp_path):
+    # `kaggle kernels init` writes the fields the CLI reads; we require all but machine_shape.
+    template = json.loads(Path(kaggle_api.kernels_initialize(str(tmp_path))).read_text())
+    assert set(kernels.REQUIRED_FIELDS) == set(template) - {"machine_shape"}
+    assert kernels.VALID_LANGUAGES == tuple(kaggle_api.valid_push_language_types)
+    assert kernels.VALID_KERNEL_TYPES == tuple(kaggle_api.valid_push_kernel_types)
+    assert kernels.VALID_PINNING_TYPES == tuple(kaggle_api.valid_push_pinning_types)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_metadata_passes_our_and_the_kaggle_cli_validation(task, kaggle_api, tmp_path):
+    from slugify import slugify
+
+    source = REPO / "kernels" / task
+    meta = json.loads((source / "kernel-metadata.json").read_text(encoding="utf-8"))
+    validate_metadata(meta, source)
+    assert meta["id"].startswith(kernels.PLACEHOLDER_USERNAME + "/")
+    assert slugify(meta["title"]) == meta["id"].split("/")[1]  # else the CLI warns
+    assert meta["language"] == "python" and meta["kernel_type"] == "script"
+    assert meta["is_private"] is True and meta["enable_internet"] is False
+    assert meta["enable_tpu"] is True and meta["enable_gpu"] is False  # Gemma 2 runs on TPU
+    assert meta["model_sources"] == ["google/gemma-2/flax/gemma2-2b-it/1"]
+
+    out = build(task, tmp_path / "built", username="alice")
+    kaggle_api.kernels_push(str(out))  # the real CLI's validation, then our fake client
+    (request,) = kaggle_api.pushed
+    assert request.slug == f"alice/{meta['id'].split('/')[1]}"
+    assert request.text == (out / "kernel.py").read_text(encoding="utf-8")
+    assert (request.language, request.kernel_type) == ("python", "script")
+    assert (request.is_private, request.enable_tpu, request.enable_internet) == (True, True, False)
+    assert request.model_data_sources == meta["model_sources"]
+    assert request.dataset_data_sources == [s.replace(kernels.PLACEHOLDER_USERNAME, "alice")
+                                            for s in meta["dataset_sources"]]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"title": "Abc"}, "field 'title': must be at least five"),
+        ({"code_file": "missing.py"}, "field 'code_file'.*missing.py does not exist"),
+        ({"id": "alice/abc"}, "field 'id'.*shorter than five"),
+        ({"id": "alice/tarr-sentiment-gemma/3"}, "field 'id': cannot contain a version"),
+        ({"language": "julia"}, "field 'language'"),
+        ({"kernel_type": "dashboard"}, "field 'kernel_type'"),
+        ({"enable_tpu": "yes"}, "field 'enable_tpu'"),
+        ({"dataset_sources": ["nodataset"]}, "field 'dataset_sources'"),
+        ({"kernel_sources": ["alice/abc"]}, "field 'kernel_sources'"),
+        ({"model_sources": ["google/gemma-2/flax/gemma2-2b-it"]}, "field 'model_sources'"),
+        ({"model_sources": ["google/gemma-2/flax/gemma2-2b-it/latest"]}, "field 'model_sources'"),
+        ({"docker_image_pinning_type": "newest"}, "field 'docker_image_pinning_type'"),
+    ],
+)
+def test_invalid_metadata_is_refused_like_the_kaggle_cli(change, message, kaggle_api, tmp_path):
+    out = build("tarr-sentiment", tmp_path / "built", username="alice")
+    meta = {**json.loads((out / "kernel-metadata.json").read_text()), **change}
+    (out / "kernel-metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(KernelError, match=message):
+        validate_metadata(meta, out)
+    with pytest.raises(ValueError):
+        kaggle_api.kernels_push(str(out))
+    assert kaggle_api.pushed == []
+
+
+def test_our_validation_also_requires_every_field(tmp_path):
+    out = build("template", tmp_path / "built", username="alice")
+    meta = json.loads((out / "kernel-metadata.json").read_text())
+    del meta["enable_internet"]
+    with pytest.raises(KernelError, match=r"missing fields \['enable_internet'\]"):
+        validate_metadata(meta, out)
+    meta = {**json.loads((out / "kernel-metadata.json").read_text()), "enable_gpu": True}
+    with pytest.raises(KernelError, match="pick one accelerator"):
+        validate_metadata(meta, out)
+
+
+def test_task_kernels_share_the_template_runner():
+    def runner(task):
+        text = (REPO / "kernels" / task / "kernel.py").read_text(encoding="utf-8")
+        return text[text.index("# ---- runner"):]
+
+    for task in TASKS:
+        assert runner(task) == runner("template"), task
+        config = (REPO / "kernels" / task / "config.toml").read_text(encoding="utf-8")
+        assert f'task = "{task}"' in config
+
+
+# ---------------------------------------------------------------- build
+
+
+def _all_bytes(folder: Path) -> list[tuple[str, bytes]]:
+    """Every file of the build, plus every member of the bundle embedded in the code file."""
+    files = [(str(p), p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()]
+    with zipfile.ZipFile(io.BytesIO(_embedded_bundle(folder / "kernel.py"))) as bundle:
+        files += [(f"bundle:{n}", bundle.read(n)) for n in bundle.namelist()]
+    return files
+
+
+def _embedded_bundle(code_file: Path) -> bytes:
+    code = code_file.read_text(encoding="utf-8")
+    match = re.search(r"^PACKAGE_ZIP_B64 = \((.*?)^\)", code, re.MULTILINE | re.DOTALL)
+    return base64.b64decode("".join(re.findall(r'"([A-Za-z0-9+/=]+)"', match.group(1))))
+
+
+def test_build_bundles_the_package_and_no_credentials(secret_home, tmp_path, capsys):
+    out = build("tarr-sentiment", tmp_path / "built")  # username from ~/.kaggle/kaggle.json
+    meta = json.loads((out / "kernel-metadata.json").read_text())
+    assert meta["id"] == "alice/tarr-sentiment-gemma"
+    assert meta["dataset_sources"] == ["alice/tarr-review-sentiment"]
+
+    package = REPO / "kaggle_pipeline"
+    expected = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                      if "__pycache__" not in p.parts)
+    copied = sorted(p.relative_to(out / "kaggle_pipeline").as_posix()
+                    for p in (out / "kaggle_pipeline").rglob("*") if p.is_file())
+    assert copied == expected and "kernels.py" in expected
+    with zipfile.ZipFile(io.BytesIO(_embedded_bundle(out / "kernel.py"))) as bundle:
+        assert bundle.namelist() == [f"kaggle_pipeline/{name}" for name in expected]
+        assert bundle.read("kaggle_pipeline/metrics.py") == (package / "metrics.py").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.toml", "kaggle_pipeline", "kernel-metadata.json", "kernel.py"]
+
+    for name, data in _all_bytes(out):
+        for secret in SECRETS.values():
+            assert secret.encode() not in data, name
+    assert not any(s in capsys.readouterr().out for s in SECRETS.values())
+
+
+def test_build_leaves_stray_files_out_and_refuses_a_leaked_secret(secret_home, tmp_path):
+    package = tmp_path / "kaggle_pipeline"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "kaggle.json").write_text(json.dumps({"key": SECRETS["key"]}))
+    (package / "notes.txt").write_text("x")
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "x.py").write_text("")
+    out = build("template", tmp_path / "built", package_dir=package)
+    assert [p.name for p in (out / "kaggle_pipeline").iterdir()] == ["__init__.py"]
+
+    (package / "oops.py").write_text(f"KEY = {SECRETS['file_token']!r}\n")
+    with pytest.raises(KernelError, match="contains a Kaggle credential value") as err:
+        build("template", tmp_path / "built2", package_dir=package)
+    assert SECRETS["file_token"] not in str(err.value)
+    assert not (tmp_path / "built2").exists()
+
+
+def test_build_errors(clean_home, tmp_path):
+    with pytest.raises(KernelError, match="no Kaggle username: pass --username"):
+        build("template", tmp_path / "a")
+    with pytest.raises(KernelError, match="unknown kernel 'nope'.*known: aihub-dialogue"):
+        build("nope", tmp_path / "a", username="alice")
+    with pytest.raises(KernelError, match="is not a Kaggle username"):
+        build("template", tmp_path / "a", username="bad/name")
+    out = build("template", tmp_path / "a", username="alice")
+    with pytest.raises(KernelError, match="exists and is not empty"):
+        build("template", out, username="alice")
+    assert build("template", out, username="bob", force=True) == out
+    assert json.loads((out / "kernel-metadata.json").read_text())["id"].startswith("bob/")
+
+
+def test_build_cli(clean_home, tmp_path, capsys):
+    assert kernels.main(["build", "dolly-en-ko", "--out", str(tmp_path / "k"),
+                         "--username", "carol"]) == 0
+    assert "push it with: python -m kaggle_pipeline.kernels push" in capsys.readouterr().out
+    assert kernels.main(["build", "dolly-en-ko", "--out", str(tmp_path / "k")]) == 2
+    assert "error: no Kaggle username" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- push
+
+
+@pytest.fixture
+def recorded_subprocess(monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(kernels.subprocess, "run", fake_run)
+    return calls
+
+
+def test_push_without_credentials_fails_clearly(clean_home, tmp_path, recorded_subprocess,
+                                                capsys):
+    out = build("tarr-sentiment", tmp_path / "k", username="alice")
+    assert kernels.credential_sources() == []
+    assert kernels.main(["push", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: no Kaggle credentials" in err
+    for place in ("KAGGLE_API_TOKEN", "~/.kaggle/access_token", "KAGGLE_KEY", "kaggle.json"):
+        assert place in err
+    assert recorded_subprocess == []
+
+
+@pytest.mark.parametrize("source", ["env_token", "env_user_key", "kaggle_json", "access_token"])
+def test_push_with_credentials_runs_the_kaggle_cli(source, clean_home, tmp_path, monkeypatch,
+                                                   recorded_subprocess, capsys):
+    kaggle_dir = clean_home / ".kaggle"
+    kaggle_dir.mkdir()
+    if source == "env_token":
+        monkeypatch.setenv("KAGGLE_API_TOKEN", SECRETS["token"])
+    elif source == "env_user_key":
+        monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+        monkeypatch.setenv("KAGGLE_KEY", SECRETS["key"])
+    elif source == "kaggle_json":
+        (kaggle_dir / "kaggle.json").write_text(
+            json.dumps({"username": "alice", "key": SECRETS["key"]}))
+    else:
+        (kaggle_dir / "access_token").write_text(SECRETS["file_token"])
+    out = build("tarr-sentiment", tmp_path / "k", username="alice")
+    assert kernels.main(["push", str(out)]) == 0
+    (command,) = recorded_subprocess
+    assert command[-4:] == ["kernels", "push", "-p", str(out)]
+    assert command[:-4] == kernels.kaggle_command()
+    printed = capsys.readouterr()
+    assert not any(s in printed.out + printed.err for s in SECRETS.values())
+
+
+def test_push_refuses_an_unbuilt_kernel(secret_home, recorded_subprocess):
+    with pytest.raises(KernelError, match="still owned by 'your-kaggle-username'"):
+        kernels.push(REPO / "kernels" / "tarr-sentiment")
+    assert recorded_subprocess == []
+
+
+# ---------------------------------------------------------------- simulated kernel run
+
+STUB_TRAIN = '''
+import sys, tomllib
+from pathlib import Path
+config = tomllib.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
+assert Path(config["data"]["train"]).is_file(), config["data"]["train"]
+assert Path(config["model"]["tokenizer"]).is_file(), config["model"]["tokenizer"]
+run = Path(config["train"]["output_dir"])
+run.mkdir(parents=True)
+(run / "trained").write_text(__file__)
+'''
+
+STUB_PREDICT = '''
+import sys, tomllib
+from pathlib import Path
+import polars as pl
+from kaggle_pipeline.submission import read_sample, write_submission
+config = tomllib.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
+assert (Path(config["train"]["output_dir"]) / "trained").is_file()
+sample = read_sample(config["predict"]["sample"])
+preds = pl.DataFrame({"id": sample["id"], "label": [1] * len(sample)})
+write_submission(preds, config["predict"]["output"], sample=config["predict"]["sample"],
+                 id_col="id", label_col="label", label_domain=[0, 1])
+'''
+
+
+def _stub_package(tmp_path: Path) -> Path:
+    """The real package with train/predict replaced by stubs (the real CLIs are not ours)."""
+    package = tmp_path / "pkg" / "kaggle_pipeline"
+    shutil.copytree(REPO / "kaggle_pipeline", package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "train.py").write_text(STUB_TRAIN)
+    (package / "predict.py").write_text(STUB_PREDICT)
+    return package
+
+
+def _kaggle_input(root: Path) -> Path:
+    data = root / "tarr-review-sentiment"
+    data.mkdir(parents=True)
+    for name in ("train.tsv", "test.tsv"):
+        shutil.copyfile(REPO / "data" / "tarr" / name, data / name)
+    model = root / "gemma-2" / "flax" / "gemma2-2b-it" / "1"
+    (model / "gemma2-2b-it").mkdir(parents=True)
+    (model / "tokenizer.model").write_bytes(b"")
+    return root
+
+
+def _run_kernel(code_file: Path, input_root: Path, working: Path, cwd: Path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": str(cwd),
+           "KAGGLE_INPUT_ROOT": str(input_root), "KAGGLE_WORKING_DIR": str(working)}
+    return subprocess.run([sys.executable, str(code_file)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_built_kernel_trains_predicts_and_writes_the_submission(clean_home, tmp_path):
+    out = build("tarr-sentiment", tmp_path / "k", username="alice",
+                package_dir=_stub_package(tmp_path))
+    shutil.rmtree(out / "kaggle_pipeline")  # as on Kaggle: only the code file is uploaded
+    (out / "config.toml").unlink()
+    working = tmp_path / "working"
+    result = _run_kernel(out / "kernel.py", _kaggle_input(tmp_path / "input"), working,
+                         tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "-m kaggle_pipeline.train --config" in result.stdout
+    config = (working / "tarr-sentiment.toml").read_text()
+    assert f'train = "{tmp_path}/input/tarr-review-sentiment/train.tsv"' in config
+    assert f'tokenizer = "{tmp_path}/input/gemma-2/flax/gemma2-2b-it/1/tokenizer.model"' in config
+    # The stub train ran from the bundle extracted outside the working dir.
+    trained_from = Path((working / "run" / "trained").read_text())
+    assert trained_from.parent.parent.name.startswith("kaggle_pipeline_src_")
+    assert trained_from.name == "train.py" and working not in trained_from.parents
+    lines = (working / "submission.tsv").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "id\tcomment\tlabel" and len(lines) == 101
+    assert all(line.endswith("\t1") for line in lines[1:])
+
+
+def test_kernel_names_a_missing_input(clean_home, tmp_path):
+    out = build("tarr-sentiment", tmp_path / "k", username="alice",
+                package_dir=_stub_package(tmp_path))
+    (tmp_path / "input").mkdir()
+    result = _run_kernel(out / "kernel.py", tmp_path / "input", tmp_path / "w", tmp_path)
+    assert result.returncode != 0
+    assert ("tarr-sentiment: input 'train_file': expected one match of "
+            "'**/tarr-review-sentiment/train.tsv'") in result.stderr

@@ -1,0 +1,132 @@
+"""Sharded training on 8 faked CPU devices gives the single-device result.
+
+XLA fixes the CPU device count when jax starts, so the runs happen in a subprocess started with
+--xla_force_host_platform_device_count=8; this test process keeps its own jax untouched.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (data, fsdp, model) meshes; (1, 1, 1) on one device is the reference.
+LORA_MESHES = [(8, 1, 1), (2, 1, 4), (1, 1, 8), (2, 2, 2)]
+FULL_MESHES = [(2, 1, 4)]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+    from kaggle_pipeline.checkpoints.common import flatten
+    from kaggle_pipeline.config import tiny_config
+    from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
+    from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+    from kaggle_pipeline.model import Transformer, abstract_params
+    from kaggle_pipeline.optim import OptimConfig, make_optimizer
+    from kaggle_pipeline.packing import batches, pack
+    from kaggle_pipeline.sharding import make_mesh
+    from kaggle_pipeline.train_step import Trainer
+
+    lora_meshes, full_meshes = json.loads(sys.argv[1])
+    assert jax.device_count() == 8, jax.devices()
+    # Gemma 2 2B's head layout: 8 query heads, 4 kv heads (not divisible by model=8).
+    config = tiny_config("gemma2", num_layers=2, sliding_window=4, num_heads=8, num_kv_heads=4)
+    rng = np.random.default_rng(0)
+    # Host (numpy) trees: every run copies them to its devices, nothing is donated twice.
+    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
+                          abstract_params(config))
+    lora_config = LoraConfig(rank=4, alpha=8.0, targets=ATTENTION_TARGETS + MLP_TARGETS)
+    lora = jax.device_get(init_lora(config, lora_config, jax.random.key(1)))
+    examples = []
+    for _ in range(48):
+        n = int(rng.integers(5, 20))
+        examples.append((rng.integers(1, config.vocab_size, n), np.arange(n) >= n // 2))
+    rows, _ = pack(examples, 32)
+    max_targets = max_targets_per_row(rows)
+    steps = [add_target_slots(b, max_targets) for b in batches(rows, 8, seed=0, epoch=0)][:3]
+    assert len(steps) == 3
+
+    SHOWN = ("embedder/input_embedding", "layer_0/attn/q_einsum/w", "layer_0/attn/kv_einsum/w",
+             "layer_0/mlp/gating_einsum")
+
+    def run(shape, mode):
+        mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        trainer = Trainer(Transformer(config, lora_scale=lora_config.scale),
+                          make_optimizer(OptimConfig(learning_rate=1e-3), 10), mesh, mode)
+        state = trainer.init_state(lora if mode == "lora" else params)
+        frozen = jax.device_put(params, trainer.frozen_shardings(params)) if mode == "lora" \\
+            else {}
+        step = trainer.compile_step(state, frozen)
+        placed = flatten(frozen if mode == "lora" else state["trainable"])
+        specs = {k: [None if a is None else str(a) for a in placed[k].sharding.spec]
+                 for k in SHOWN}
+        losses = []
+        for batch in steps:
+            state, metrics = step(state, frozen, trainer.put_batch(batch))
+            losses.append(float(metrics["loss"]))
+        return losses, flatten(jax.device_get(state["trainable"])), specs
+
+    out = {}
+    for mode, meshes in (("lora", lora_meshes), ("full", full_meshes)):
+        ref_losses, ref_trained, _ = run((1, 1, 1), mode)
+        start = flatten(lora if mode == "lora" else params)
+        moved = max(float(np.abs(ref_trained[k] - start[k]).max()) for k in start)
+        for shape in meshes:
+            losses, trained, specs = run(tuple(shape), mode)
+            out[f"{mode} {shape}"] = {
+                "ref_losses": ref_losses, "losses": losses, "moved": moved,
+                "max_param_diff": max(float(np.abs(trained[k] - ref_trained[k]).max())
+                                      for k in ref_trained),
+                "specs": specs}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs() -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([LORA_MESHES, FULL_MESHES])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def _check_same_as_one_device(run: dict) -> None:
+    assert len(run["losses"]) == 3
+    for loss, ref in zip(run["losses"], run["ref_losses"], strict=True):
+        assert abs(loss - ref) <= 1e-5
+    assert run["ref_losses"][0] != run["ref_losses"][2]  # three different batches
+    assert run["max_param_diff"] <= 1e-5
+    assert run["moved"] > 1e-3  # training moved the params far more than the tolerance
+
+
+@pytest.mark.parametrize("shape", LORA_MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_training_on_a_mesh_equals_one_device(sharded_runs, shape):
+    _check_same_as_one_device(sharded_runs[f"lora {list(shape)}"])
+
+
+def test_full_fine_tuning_on_a_2x4_mesh_equals_one_device(sharded_runs):
+    run = sharded_runs["full [2, 1, 4]"]
+    _check_same_as_one_device(run)
+    # Trainable params really are split: heads and kv heads over model, vocabulary too.
+    assert run["specs"]["layer_0/attn/kv_einsum/w"] == [None, "model", None, None]
+    assert run["specs"]["embedder/input_embedding"] == ["model", None]
+
+
+def test_params_are_sharded_as_the_rules_say(sharded_runs):
+    specs = sharded_runs["lora [1, 1, 8]"]["specs"]
+    assert specs["layer_0/attn/q_einsum/w"] == ["model", None, None]  # 8 heads on 8 devices
+    # 4 kv heads do not split 8 ways: replicated, and the run above still matches.
+    assert specs["layer_0/attn/kv_einsum/w"] == [None, None, None, None]
+    assert specs["layer_0/mlp/gating_einsum"] == [None, None, "model"]
+    specs = sharded_runs["lora [2, 2, 2]"]["specs"]
+    assert specs["embedder/input_embedding"] == ["model", "fsdp"]
+    assert specs["layer_0/attn/q_einsum/w"] == ["model", "fsdp", None]

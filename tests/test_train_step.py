@@ -1,0 +1,156 @@
+"""The Trainer's jitted step: its loss and gradient equal an independent full-logits
+computation (padding rows included); remat, dropout seeding and gradient accumulation behave."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kaggle_pipeline.config import tiny_config
+from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
+from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.optim import OptimConfig, make_optimizer
+from kaggle_pipeline.packing import pack
+from kaggle_pipeline.sharding import make_mesh
+from kaggle_pipeline.train_step import Trainer
+
+CONFIG = tiny_config("gemma2", num_layers=2, sliding_window=4)
+LORA = LoraConfig(rank=4, alpha=8.0, targets=ATTENTION_TARGETS + MLP_TARGETS)
+LR = 0.05
+
+
+def _random(tree, seed: int, std: float) -> dict:
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (std * rng.standard_normal(x.shape)).astype(np.float32), tree)
+
+
+# Host (numpy) trees: every trainer copies them, so a donated state never deletes them.
+PARAMS = _random(abstract_params(CONFIG), 0, 0.2)
+TRAINED_LORA = _random(jax.device_get(init_lora(CONFIG, LORA, jax.random.key(0))), 1, 0.2)
+
+
+def _batch(seed: int = 0) -> dict:
+    """Three packed rows and an empty padding row, as the last batch of an epoch has."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(9):
+        n = int(rng.integers(4, 16))
+        examples.append((rng.integers(1, CONFIG.vocab_size, n), np.arange(n) >= n // 2))
+    rows, _ = pack(examples, 24)
+    rows = rows[:3] + [{k: np.zeros_like(v) for k, v in rows[0].items()}]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return add_target_slots(batch, max_targets_per_row(rows))
+
+
+OPTIMIZERS = {
+    "sgd": optax.sgd(LR),
+    "frozen": optax.sgd(0.0),
+    "adam": make_optimizer(OptimConfig(learning_rate=LR, schedule="constant"), 10),
+    "adam/2": make_optimizer(OptimConfig(learning_rate=LR, schedule="constant",
+                                         accumulate_steps=2), 10),
+}
+
+
+@functools.cache
+def _trainer(optimizer: str, mode: str = "lora", seed: int = 0, dropout: float = 0.0,
+             remat: bool = False) -> tuple[Trainer, object]:
+    """A trainer and its compiled step, shared by the tests that want the same one."""
+    model = Transformer(CONFIG, lora_scale=LORA.scale, lora_dropout=dropout,
+                        deterministic=dropout == 0.0, remat=remat)
+    trainer = Trainer(model, OPTIMIZERS[optimizer], make_mesh(devices=jax.devices()[:1]), mode,
+                      seed=seed)
+    trainable, frozen = (TRAINED_LORA, PARAMS) if mode == "lora" else (PARAMS, {})
+    return trainer, trainer.compile_step(trainer.init_state(trainable), frozen)
+
+
+def _run(trainer_and_step, batches, trainable=TRAINED_LORA, frozen=PARAMS):
+    """(per-step metrics, final trainable) after one step per batch."""
+    trainer, step = trainer_and_step
+    state = trainer.init_state(trainable)
+    metrics = []
+    for batch in batches:
+        state, m = step(state, frozen, trainer.put_batch(batch))
+        metrics.append(jax.device_get(m))
+    assert int(state["step"]) == len(batches)
+    return metrics, jax.device_get(state["trainable"])
+
+
+@jax.jit
+@functools.partial(jax.value_and_grad, has_aux=True)
+def _reference_loss(lora, batch):
+    """Mean next-token loss from the full logits, without the target-slot gather."""
+    logits, _ = Transformer(CONFIG, lora_scale=LORA.scale).apply(
+        {"params": PARAMS, "lora": lora}, batch["tokens"], batch["positions"],
+        batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = batch["targets"][:, 1:]
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.sum(mask), jnp.sum(mask)
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_step_loss_and_gradient_equal_the_full_logits_reference():
+    """Also on a padding row: it adds nothing to the loss, its count or the gradient."""
+    batch = _batch()
+    assert not batch["targets"][3].any() and batch["targets"][:3].any(axis=1).all()
+    (metrics,), updated = _run(_trainer("sgd"), [batch])
+    (ref_loss, ref_count), ref_grad = _reference_loss(TRAINED_LORA, batch)
+
+    assert int(metrics["target_tokens"]) == int(ref_count) == int(batch["targets"].sum())
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss_sum"], ref_loss * ref_count, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(ref_grad), rtol=1e-5)
+    # SGD: the step moved every factor by exactly -lr * gradient.
+    step_grad = jax.tree.map(lambda new, old: (old - new) / LR, updated, TRAINED_LORA)
+    assert _max_diff(step_grad, ref_grad) <= 1e-5 * float(optax.tree.norm(ref_grad))
+
+
+def test_remat_gives_the_same_step():
+    batch = _batch()
+    (m1,), lora1 = _run(_trainer("sgd"), [batch])
+    (m2,), lora2 = _run(_trainer("sgd", remat=True), [batch])
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    assert _max_diff(lora2, lora1) <= 1e-6
+
+
+def test_lora_dropout_is_seeded_and_changes_per_step():
+    batch = _batch()
+
+    def losses(seed):  # lr 0: only the dropout mask can change the loss
+        trainer = _trainer("frozen", seed=seed, dropout=0.5)
+        return [float(m["loss"]) for m in _run(trainer, [batch, batch])[0]]
+
+    seeded = losses(0)
+    assert seeded == losses(0)  # reproducible from the seed
+    assert seeded[0] != seeded[1]  # a fresh mask each step
+    assert seeded[0] != losses(1)[0]
+    (plain,), _ = _run(_trainer("sgd"), [batch])
+    assert abs(seeded[0] - float(plain["loss"])) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_repeated_steps_fit_a_batch(mode):
+    batch = _batch()
+    trainable, frozen = (TRAINED_LORA, PARAMS) if mode == "lora" else (PARAMS, {})
+    metrics, _ = _run(_trainer("adam", mode), [batch] * 10, trainable, frozen)
+    losses = [float(m["loss"]) for m in metrics]
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(np.isfinite(losses))
+
+
+def test_accumulated_micro_batches_make_one_update():
+    batch = _batch()
+    _, one_step = _run(_trainer("adam"), [batch])
+    _, first_micro = _run(_trainer("adam/2"), [batch])
+    _, two_micro = _run(_trainer("adam/2"), [batch, batch])
+    assert _max_diff(first_micro, TRAINED_LORA) == 0.0  # no update before the 2nd micro-batch
+    assert _max_diff(two_micro, one_step) <= 1e-6  # the mean of two equal gradients
+    assert _max_diff(one_step, TRAINED_LORA) > 1e-2

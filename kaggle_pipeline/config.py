@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 
 
 class AttentionKind(enum.Enum):
@@ -19,7 +18,8 @@ GEMMA2_PATTERN = (AttentionKind.LOCAL, AttentionKind.GLOBAL)
 GEMMA3_PATTERN = (AttentionKind.LOCAL,) * 5 + (AttentionKind.GLOBAL,)
 
 
-def repeat_pattern(pattern: tuple[AttentionKind, ...], num_layers: int) -> tuple[AttentionKind, ...]:
+def repeat_pattern(pattern: tuple[AttentionKind, ...],
+                   num_layers: int) -> tuple[AttentionKind, ...]:
     return tuple(pattern[i % len(pattern)] for i in range(num_layers))
 
 
@@ -158,7 +158,3 @@ def get_config(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}") from None
-
-
-def query_scale_for(embed_dim: int, num_heads: int, head_dim: int, by_embed: bool) -> float:
-    return 1.0 / math.sqrt(embed_dim / num_heads if by_embed else head_dim)

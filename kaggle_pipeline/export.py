@@ -48,8 +48,8 @@ def _module_of(target: str) -> str:
 
 
 def _check_lora_tree(lora_tree: Mapping, lora_config: LoraConfig, model_config: ModelConfig,
-                     ) -> list[int]:
-    """Layer indices of the tree, after checking its targets and shapes against the configs."""
+                     ) -> None:
+    """Every layer holds exactly the configured targets, each factor of the expected shape."""
     layers = []
     for layer_name, modules in lora_tree.items():
         match = re.fullmatch(r"layer_(\d+)", layer_name)
@@ -69,7 +69,11 @@ def _check_lora_tree(lora_tree: Mapping, lora_config: LoraConfig, model_config: 
                 if got is None or tuple(got) != shape:
                     raise ValueError(f"LoRA tree: {layer_name}/{_module_of(target)}/{target}/"
                                      f"{name} has shape {got}, expected {shape}")
-    return sorted(layers)
+    missing = sorted(set(range(model_config.num_layers)) - set(layers))
+    if missing:
+        # init_lora adapts every layer; exports assume it (PEFT adapts every matching layer).
+        raise ValueError(f"LoRA tree: no factors for layers {missing} of the "
+                         f"{model_config.num_layers}-layer model")
 
 
 def peft_factors(target: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +95,7 @@ def _atomic_directory(out_dir: Path, fill) -> Path:
         fill(tmp)
         if out_dir.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.",
-                                        suffix=".old"))
+            old = tmp.with_name(tmp.name + ".old")
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except BaseException:
@@ -115,10 +118,10 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
     Gemma*ForCausalLM, "model.language_model." for Gemma3ForConditionalGeneration (then the
     targets become a regex, so the vision tower's q_proj etc. are left alone).
     """
-    layers = _check_lora_tree(lora_tree, lora_config, model_config)
+    _check_lora_tree(lora_tree, lora_config, model_config)
     dtype = np.dtype(jnp.dtype(dtype))
     tensors = {}
-    for i in layers:
+    for i in range(model_config.num_layers):
         modules = lora_tree[f"layer_{i}"]
         for target in lora_config.targets:
             factors = modules[_module_of(target)][target]
@@ -146,8 +149,7 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": lora_config.dropout,
         "target_modules": target_modules,
-        # Only when some layers are left out: PEFT adapts every matching layer otherwise.
-        "layers_to_transform": None if len(layers) == model_config.num_layers else layers,
+        "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},

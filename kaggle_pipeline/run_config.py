@@ -16,6 +16,10 @@ from kaggle_pipeline.optim import OptimConfig
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or the key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     # A checkpoint path (HF dir, .gguf, Orbax dir), "gemma3-270m-gguf" for the packaged model,
@@ -31,6 +35,7 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     task: str = "tarr-sentiment"
+    prompt: str = ""  # user-turn template with {column} placeholders; "" = the task's own
     train: str = "data/tarr/train.tsv"
     test: str = "data/tarr/test.tsv"
     validation_fraction: float = 1 / 3
@@ -94,20 +99,28 @@ def resolve_input(path: str) -> Path:
     return PROJECT_DIR / p
 
 
+def _number(convert, value, where: str):
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if convert is int else "a number"
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+
+
 def _coerce(value, annotation, where: str):
     kind = typing.get_origin(annotation) or annotation
     if annotation in ("float", float) or kind is float:
-        return float(value)
+        return _number(float, value, where)
     if isinstance(value, str) and annotation in ("bool", bool):
         if value.lower() in ("true", "1", "yes"):
             return True
         if value.lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if isinstance(value, str) and annotation in ("int", int):
-        return int(value)
+        return _number(int, value, where)
     if isinstance(value, str) and annotation in ("float | None", "int | None"):
-        return None if value.lower() in ("none", "") else float(value)
+        return None if value.lower() in ("none", "") else _number(float, value, where)
     if "tuple" in str(annotation):
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(i).strip() for i in items if str(i).strip())
@@ -118,8 +131,8 @@ def _section(cls, values: dict, name: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"config section [{name}]: unknown key(s) {sorted(unknown)}; "
-                         f"known: {sorted(fields)}")
+        raise ConfigError(f"config section [{name}]: unknown key(s) {sorted(unknown)}; "
+                          f"known: {sorted(fields)}")
     return cls(**{k: _coerce(v, fields[k].type, f"{name}.{k}") for k, v in values.items()})
 
 
@@ -128,21 +141,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML: {err}") from None
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        not_tables = sorted(name for name, values in raw.items() if not isinstance(values, dict))
+        if not_tables:
+            raise ConfigError(f"{path}: {not_tables} must be [section] tables of key = value")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ValueError(f"override {item!r}: expected section.key=value")
+            raise ConfigError(f"override {item!r}: expected section.key=value")
         section, field = key.split(".", 1)
         raw.setdefault(section, {})[field] = value
     sections = {f.name: f for f in dataclasses.fields(RunConfig)}
     unknown = set(raw) - set(sections)
     if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: "
+                          f"{sorted(sections)}")
     default = RunConfig()
     built = {}
     for name in sections:
@@ -157,9 +174,9 @@ def to_toml(cfg: RunConfig) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
+            if value is None:  # TOML has no null; "none" reads back as None
+                text = '"none"'
+            elif isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, (int, float)):
                 text = repr(value)

@@ -50,7 +50,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % (fsdp * model):
-            raise ValueError(f"{len(devices)} devices do not split into fsdp={fsdp} x model={model}")
+            raise ValueError(f"{len(devices)} devices do not split into "
+                             f"fsdp={fsdp} x model={model}")
         data = len(devices) // (fsdp * model)
     if data * fsdp * model != len(devices):
         raise ValueError(f"mesh {data}x{fsdp}x{model} needs {data * fsdp * model} devices, "

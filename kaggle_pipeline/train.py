@@ -28,14 +28,19 @@ from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.optim import make_optimizer
 from kaggle_pipeline.packing import batches, num_batches, pack
-from kaggle_pipeline.predict import classify, log, predict_test, validate_classification
-from kaggle_pipeline.run_config import RunConfig, load_config, resolve_input, to_toml
+from kaggle_pipeline.predict import classify, log, predict_test, task_spec, validate_classification
+from kaggle_pipeline.records import DataError
+from kaggle_pipeline.run_config import ConfigError, RunConfig, load_config, resolve_input, to_toml
 from kaggle_pipeline.scoring import answer_only
-from kaggle_pipeline.tasks import build_examples, get_task, load_records, train_validation_split
+from kaggle_pipeline.tasks import build_examples, load_records, train_validation_split
 
 
 class Stop(Exception):
     """Training stopped early (SIGTERM or a non-finite loss); the message says why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code  # 0: stopped on request and resumable; 1: failed
 
 
 def encode_examples(examples, tokenizer, spec, loss_on: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -59,9 +64,12 @@ def lora_config(cfg: RunConfig) -> LoraConfig:
 
 
 def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
-    """Resuming only makes sense for the same training settings."""
+    """Resuming only makes sense for the same training settings. Without a checkpoint there is
+    nothing to resume (e.g. the last attempt stopped on a data error), so any settings go."""
     saved = run_dir / "config.toml"
-    if not saved.exists():
+    ckpt_dir = run_dir / "checkpoints"
+    has_checkpoint = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if not saved.exists() or not has_checkpoint:
         return
     from kaggle_pipeline.run_config import load_config as _load
 
@@ -76,12 +84,32 @@ def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
                          "output.name or delete it to start over")
 
 
+def keep_metrics_until(metrics_path: Path, step: int) -> None:
+    """Drop the records of steps after `step`: a run killed between checkpoints logged steps
+    that its resumption takes again (and maybe half a line)."""
+    if not metrics_path.exists():
+        return
+
+    def logged_before(line: str) -> bool:
+        try:
+            return line.endswith("\n") and json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if logged_before(line)]
+    if kept != lines:
+        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, metrics_path)
+
+
 def write_loss_plot(metrics_path: Path, out: Path) -> None:
     from kaggle_pipeline.report import plot_loss, read_loss_curve
 
-    steps, losses = read_loss_curve(metrics_path)
-    if steps:
-        plot_loss(steps, losses, out)
+    # Nothing to plot when the run stopped before its first step was logged.
+    if metrics_path.exists() and metrics_path.read_text(encoding="utf-8").strip():
+        plot_loss(*read_loss_curve(metrics_path), out)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -94,7 +122,7 @@ def run(cfg: RunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     check_same_run(cfg, run_dir)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    spec = get_task(cfg.data.task)
+    spec = task_spec(cfg)
 
     log(f"reading {cfg.data.train}")
     table = load_records(spec, resolve_input(cfg.data.train), on_bad_row=cfg.data.on_bad_row)
@@ -124,10 +152,11 @@ def run(cfg: RunConfig) -> dict:
             f"{cfg.data.seq_len} were truncated")
     width = max_targets_per_row(rows)
     steps_per_epoch = num_batches(len(rows), cfg.data.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    updates = max(1, math.ceil(total_steps / cfg.optim.accumulate_steps))
+    planned_steps = steps_per_epoch * cfg.train.epochs
+    # max_steps only says where to stop: the schedule spans all epochs, so a run stopped at
+    # max_steps and resumed with a larger one takes exactly the steps of an unbroken run.
+    total_steps = min(planned_steps, cfg.train.max_steps or planned_steps)
+    updates = max(1, math.ceil(planned_steps / cfg.optim.accumulate_steps))
 
     full = not cfg.lora.enabled
     lcfg = lora_config(cfg)
@@ -159,8 +188,7 @@ def run(cfg: RunConfig) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     metrics_path = run_dir / "metrics.jsonl"
     start_step = int(state["step"])
-    if start_step == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    keep_metrics_until(metrics_path, start_step)
     if start_step < total_steps:
         log(f"training {total_steps} steps ({cfg.train.epochs} epochs x {steps_per_epoch}); "
             "compiling the step first")
@@ -183,10 +211,13 @@ def run(cfg: RunConfig) -> dict:
                     loss = float(m["loss"])
                     step += 1
                     if not math.isfinite(loss):
+                        good = ckpts.latest_step()
+                        kept = (f"The last good checkpoint (step {good}) is kept in "
+                                f"{ckpts.directory}." if good is not None else
+                                "No checkpoint had been saved yet.")
                         raise Stop(f"loss became {loss} at step {step} (epoch {epoch + 1}); "
-                                   f"stopped. The last good checkpoint "
-                                   f"(step {ckpts.latest_step()}) is kept in {ckpts.directory}. "
-                                   "Lower optim.learning_rate or check the data.")
+                                   f"stopped without saving it. {kept} "
+                                   "Lower optim.learning_rate or check the data.", exit_code=1)
                     if t0 is None:  # the first step includes compilation
                         t0, tokens_seen = time.time(), 0
                     else:
@@ -204,7 +235,8 @@ def run(cfg: RunConfig) -> dict:
                     if stop["signal"] is not None:
                         ckpts.save(state, step)
                         raise Stop(f"stopped by signal at step {step}; checkpoint saved in "
-                                   f"{ckpts.directory}. Run the same command to resume.")
+                                   f"{ckpts.directory}. Run the same command to resume.",
+                                   exit_code=0)
                     if step % cfg.train.save_every == 0 or end_of_epoch or step == total_steps:
                         ckpts.save(state, step)
     finally:
@@ -270,13 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML run config (default: the embedded main job)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        run(cfg)
+        run(load_config(args.config, args.overrides))
     except Stop as stop:
         print(f"\n{stop}", file=sys.stderr)
-        return 0 if "signal" in str(stop) else 1
+        return stop.exit_code
+    except (ConfigError, DataError) as err:  # bad input: the message says where, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -248,3 +248,22 @@ def test_load_adapter_errors_name_the_file_and_field(tmp_path):
     config_file.write_text("{\n  oops")
     with pytest.raises(ValueError, match="lora_config.json: invalid JSON at line 2"):
         load_adapter(path)
+
+
+def test_exports_refuse_a_tree_that_does_not_fit_the_configs(tmp_path):
+    config = tiny_config("gemma2", num_layers=2)
+    lora_config = LoraConfig(rank=2, targets=("q", "gate"))
+    lora = _random_lora(config, lora_config)
+    params = abstract_params(config)  # never reached: the checks come first
+
+    partial = {"layer_0": lora["layer_0"]}
+    with pytest.raises(ValueError, match=r"no factors for layers \[1\]"):
+        export_peft_adapter(partial, lora_config, config, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"layer_0 adapts \['gate', 'q'\], the LoRA config "
+                                         r"targets \['gate', 'q', 'v'\]"):
+        export_merged(params, lora, config, LoraConfig(rank=2, targets=("q", "v", "gate")),
+                      tmp_path / "merged")
+    with pytest.raises(ValueError, match=r"layer_0/mlp/gate/b has shape \(2, 64\), "
+                                         r"expected \(2, 96\)"):
+        export_peft_adapter(lora, lora_config, config.replace(hidden_dim=96), tmp_path / "peft")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -75,7 +75,8 @@ class Attention(nn.Module):
             new_cache = kv_cache.write_step(cache, k, v, positions)
             k, v, key_positions = new_cache["k"], new_cache["v"], new_cache["pos"]
             # Decode: every filled slot at or before the query position is visible.
-            mask = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= positions[..., None])
+            kpos = key_positions[:, None, :]
+            mask = (kpos >= 0) & (kpos <= positions[..., None])
         elif cache is not None:
             new_cache = kv_cache.fill_from_prefill(cache, k, v, lengths)
 

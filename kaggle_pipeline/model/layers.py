@@ -11,7 +11,7 @@ LORA = "lora"
 
 
 class Einsum(nn.Module):
-    """A weight of a fixed shape applied by an einsum; stored in param dtype, used in compute dtype."""
+    """A weight applied by an einsum; stored in its param dtype, used in the compute dtype."""
 
     shape: tuple[int, ...]
     weight_name: str = "w"

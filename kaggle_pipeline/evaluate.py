@@ -1,0 +1,349 @@
+"""Score predictions against references; write a Markdown report with PNG plots.
+
+    python -m kaggle_pipeline.evaluate --predictions P [--references R] [--task NAME]
+        [--kind classification|generation] [--run RUN_DIR] [--out DIR]
+    python -m kaggle_pipeline.evaluate --config run.toml [section.key=value ...] [--out DIR]
+
+Files. `P` is a CSV/TSV with an `id` column: a submission (the predictions are its last
+column, e.g. `label` or `ko`) or a run's `validation_predictions.csv` (column `prediction`, and
+`reference`, so `--references` may then be left out). With `--task`, `R` is read with the
+task's own reader (a labelled TSV for tarr-sentiment, the JSON of aihub-dialogue, the Dolly pair
+"en.jsonl,ko.jsonl", ...) and the references are the examples' labels or answers. Without it `R`
+is a CSV/TSV with `id` and the prediction column's name (or a single other column). Every
+reference id needs exactly one prediction. The kind is the task's; without a task it is
+classification when every prediction is one of at most 20 reference values, else generation
+(`--kind` decides otherwise). `--run` adds the run's training loss curve.
+
+Config. `--config` evaluates a finished run on its validation split (the same split as
+training: same file, seed and fraction), writes `<run dir>/validation_predictions.csv` and the
+report with the loss curve to `<run dir>/evaluation/`.
+
+Classification reports accuracy, macro-F1, per-class F1 and the confusion matrix; generation
+BLEU (char tokens), chrF, chrF++, ROUGE-1/2/L on words and characters (Hangul kept) and the
+language-mismatch rate, wrong-script outputs scoring 0 (metrics.py). The report goes to `--out`,
+by default a folder `<predictions stem>-report/` beside the predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kaggle_pipeline import metrics
+from kaggle_pipeline.report import write_report
+
+KINDS = ("classification", "generation")
+MAX_CLASSES = 20  # more distinct references than this is not a label set
+ID_COLUMN = "id"
+
+
+class EvaluationError(ValueError):
+    """Predictions and references that cannot be scored together; names file, row and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    kind: str
+    metrics: dict  # name -> value, the report's table
+    headline: dict[str, float]  # 0-1 scores for the per-task plot
+    confusion: list[list[int]] | None = None
+    labels: list[str] | None = None  # confusion axes, as shown
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_text_table(path: Path, what: str):
+    from kaggle_pipeline.submission import read_sample
+
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such {what} file")
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        raise EvaluationError(f"{path}: {what} must be a .csv or .tsv file (or give --task to "
+                              "read references with the task's reader)")
+    frame = read_sample(path)
+    if ID_COLUMN not in frame.columns:
+        raise EvaluationError(f"{path}: no column {ID_COLUMN!r} (columns: {frame.columns})")
+    return frame
+
+
+def _keyed(path: Path, ids: Sequence, values: Sequence, field: str) -> dict[str, str]:
+    """id -> value, refusing empty and repeated ids."""
+    keyed: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for row, (key, value) in enumerate(zip(ids, values, strict=True), start=1):
+        key = "" if key is None else str(key)
+        if not key:
+            raise EvaluationError(f"{path}: data row {row}, field {ID_COLUMN!r}: empty id")
+        if key in keyed:
+            raise EvaluationError(f"{path}: data rows {first[key]} and {row}, field "
+                                  f"{ID_COLUMN!r}: duplicate id {key!r}")
+        if value is None:
+            raise EvaluationError(f"{path}: data row {row} (id {key!r}), field {field!r}: "
+                                  "empty value")
+        keyed[key], first[key] = str(value), row
+    return keyed
+
+
+def read_predictions(path: Path, column: str | None = None) -> tuple[dict[str, str], str]:
+    """(id -> prediction, the column they came from): `column`, else `prediction`, else the
+    last column."""
+    frame = _read_text_table(path, "predictions")
+    if column is None:
+        column = "prediction" if "prediction" in frame.columns else frame.columns[-1]
+    if column not in frame.columns or column == ID_COLUMN:
+        raise EvaluationError(f"{path}: no prediction column {column!r} (columns: "
+                              f"{frame.columns})")
+    return _keyed(path, frame[ID_COLUMN].to_list(), frame[column].to_list(), column), column
+
+
+def read_references(path: Path, column: str) -> dict[str, str]:
+    """id -> reference from a CSV/TSV: the column `column`, `reference`, or the only other."""
+    frame = _read_text_table(path, "references")
+    others = [c for c in frame.columns if c != ID_COLUMN]
+    if column in frame.columns and column != ID_COLUMN:
+        chosen = column
+    elif "reference" in frame.columns:
+        chosen = "reference"
+    elif len(others) == 1:
+        chosen = others[0]
+    else:
+        raise EvaluationError(f"{path}: no column {column!r} or 'reference', and {len(others)} "
+                              f"candidate columns {others}; give --task to read it")
+    return _keyed(path, frame[ID_COLUMN].to_list(), frame[chosen].to_list(), chosen)
+
+
+def task_references(spec, path: str | os.PathLike) -> dict[str, str]:
+    """id -> label (classification) or answer (generation), read with the task's reader."""
+    from kaggle_pipeline.predict import input_paths
+    from kaggle_pipeline.tasks import build_examples, load_records
+
+    table = load_records(spec, input_paths(spec, str(path), "--references"))
+    examples = build_examples(spec, table.frame)
+    values = [e.label if spec.kind == "classification" else e.answer for e in examples]
+    return _keyed(Path(str(path).split(",")[0]), [e.id for e in examples], values,
+                  spec.label_column or "answer")
+
+
+def align(predictions: dict[str, str], references: dict[str, str], predictions_path: Path,
+          column: str) -> tuple[list[str], list[str], list[str]]:
+    """(ids, predictions, references) in the references' order; every reference needs a
+    prediction and every prediction a reference."""
+    missing = [i for i in references if i not in predictions]
+    if missing:
+        shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise EvaluationError(f"{predictions_path}: field {ID_COLUMN!r}: {len(missing)} "
+                              f"reference ids have no prediction: {shown}")
+    extra = [i for i in predictions if i not in references]
+    if extra:
+        shown = ", ".join(repr(i) for i in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise EvaluationError(f"{predictions_path}: field {ID_COLUMN!r}: {len(extra)} ids are "
+                              f"not among the references: {shown}")
+    ids = list(references)
+    return ids, [predictions[i] for i in ids], [references[i] for i in ids]
+
+
+def infer_kind(predictions: Sequence[str], references: Sequence[str]) -> str:
+    values = set(references)
+    if len(values) <= MAX_CLASSES and set(predictions) <= values:
+        return "classification"
+    return "generation"
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_classification(predictions: Sequence[str], references: Sequence[str],
+                         labels: Sequence[str] | None = None,
+                         names: Sequence[str] | None = None) -> Evaluation:
+    """`labels` fixes the label set and order (a task's label map); `names` how they are
+    shown. A prediction outside an explicit label set is refused."""
+    if labels is None:
+        labels = sorted(set(references) | set(predictions))
+    labels = [str(label) for label in labels]
+    outside = sorted({p for p in predictions if p not in labels})
+    if outside:
+        raise EvaluationError(f"predictions {outside} are not labels of the task ({labels})")
+    per_class = metrics.per_class_f1(references, predictions, labels=labels)
+    names = [str(n) for n in (names or labels)]
+    values = {"n": len(references),
+              "accuracy": metrics.accuracy(references, predictions),
+              "macro_f1": metrics.macro_f1(references, predictions, labels=labels)}
+    values.update({f"f1[{name}]": per_class[label]
+                   for label, name in zip(labels, names, strict=True)})
+    confusion = metrics.confusion_matrix(references, predictions, labels=labels)
+    return Evaluation("classification", values,
+                      {"accuracy": values["accuracy"], "macro_f1": values["macro_f1"]},
+                      confusion.tolist(), names)
+
+
+def score_generation(predictions: Sequence[str], references: Sequence[str],
+                     spec=None) -> Evaluation:
+    from kaggle_pipeline.predict import generation_metrics
+
+    return generation_evaluation(generation_metrics(predictions, references, spec))
+
+
+def generation_evaluation(values: dict) -> Evaluation:
+    """The report of predict.generation_metrics' values; the plot's scores all on 0-1."""
+    values = {k: v for k, v in values.items() if k != "predictions_file"}
+    headline = {"BLEU/100": values["bleu"] / 100, "chrF/100": values["chrf"] / 100,
+                "ROUGE-L": values["rougeL"], "ROUGE-L (char)": values["rougeL_char"],
+                "language mismatch": values["mismatch_rate"]}
+    return Evaluation("generation", values, headline)
+
+
+def score(kind: str, predictions: Sequence[str], references: Sequence[str], spec=None
+          ) -> Evaluation:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "generation":
+        return score_generation(predictions, references, spec)
+    if spec is not None and spec.label_map:
+        return score_classification(predictions, references, list(spec.label_map),
+                                    list(spec.label_map.values()))
+    return score_classification(predictions, references)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_evaluation(out_dir: str | os.PathLike, evaluation: Evaluation, *, task: str,
+                     title: str, run_dir: str | os.PathLike | None = None) -> Path:
+    """report.md + confusion_matrix.png (classification) + per_task.png, and loss_curve.png
+    when `run_dir` holds a metrics.jsonl with losses."""
+    loss = None
+    if run_dir is not None:
+        loss = Path(run_dir) / "metrics.jsonl"
+        if not loss.is_file():
+            raise EvaluationError(f"{run_dir}: no metrics.jsonl (not a training run directory)")
+    return write_report(out_dir, metrics=evaluation.metrics, confusion=evaluation.confusion,
+                        labels=evaluation.labels, loss_curve_jsonl=loss,
+                        per_task={task: evaluation.headline}, title=title)
+
+
+def evaluate_files(predictions: str | os.PathLike, references: str | None = None, *,
+                   task: str | None = None, kind: str | None = None,
+                   run_dir: str | os.PathLike | None = None,
+                   out: str | os.PathLike | None = None) -> Path:
+    """Score a predictions file against references and write the report; returns its path."""
+    from kaggle_pipeline.tasks import get_task
+
+    predictions = Path(predictions)
+    spec = get_task(task) if task else None
+    columns = _read_text_table(predictions, "predictions").columns
+    column = None
+    if spec is not None:
+        from kaggle_pipeline.predict import answer_column
+
+        column = answer_column(spec) if answer_column(spec) in columns else None
+    predicted, column = read_predictions(predictions, column)
+    if references is None:
+        if "reference" not in columns:
+            raise EvaluationError(f"{predictions}: no 'reference' column; give --references")
+        referenced = read_references(predictions, "reference")
+    elif spec is not None:
+        referenced = task_references(spec, references)
+    else:
+        referenced = read_references(Path(references), column)
+    ids, hyps, refs = align(predicted, referenced, predictions, column)
+    if spec is not None:
+        kind = kind or spec.kind
+    kind = kind or infer_kind(hyps, refs)
+    evaluation = score(kind, hyps, refs, spec)
+    name = spec.name if spec else predictions.stem
+    out = Path(out) if out else predictions.parent / f"{predictions.stem}-report"
+    title = f"{name}: {predictions.name} ({kind}, {len(ids)} examples)"
+    return write_evaluation(out, evaluation, task=name, title=title, run_dir=run_dir)
+
+
+def validation_examples(cfg, spec) -> list:
+    """The run's validation split, exactly as training drew it."""
+    from kaggle_pipeline.predict import input_paths
+    from kaggle_pipeline.tasks import build_examples, load_records, train_validation_split
+
+    table = load_records(spec, input_paths(spec, cfg.data.train, "data.train"),
+                         on_bad_row=cfg.data.on_bad_row)
+    _, valid = train_validation_split(table.frame,
+                                      validation_fraction=cfg.data.validation_fraction,
+                                      seed=cfg.train.seed, stratify_by=spec.stratify_column)
+    if len(valid) == 0:
+        raise EvaluationError(f"{cfg.data.train}: the validation split is empty "
+                              f"(data.validation_fraction = {cfg.data.validation_fraction})")
+    return build_examples(spec, valid)
+
+
+def evaluate_run(cfg, out: str | os.PathLike | None = None) -> Path:
+    """Predict a finished run's validation split and write the report (with its loss curve)."""
+    from kaggle_pipeline import predict
+
+    spec = predict.task_spec(cfg)
+    examples = validation_examples(cfg, spec)
+    model, variables, tokenizer = predict.load_trained(cfg)
+    if spec.kind == "classification":
+        labels = list(spec.label_map)
+        predict.log(f"scoring {len(examples)} validation examples")
+        scores = predict.classify(model, variables, tokenizer, spec, examples, cfg)
+        truth = [e.label for e in examples]
+        calibrated = predict.validate_classification(scores, truth, labels)
+        decided = predict.decide(scores, labels, calibrated["threshold"])
+        predict.write_table(cfg.run_dir / predict.VALIDATION_FILE, {
+            "id": [e.id for e in examples], "prediction": decided, "reference": truth})
+        evaluation = score("classification", [str(d) for d in decided],
+                           [str(t) for t in truth], spec)
+        extra = {k: v for k, v in calibrated.items()
+                 if k in ("threshold", "raw_accuracy", "raw_macro_f1", "accuracy_cross_fitted",
+                          "auc")}
+        evaluation = dataclasses.replace(evaluation, metrics={**evaluation.metrics, **extra})
+    else:
+        evaluation = generation_evaluation(predict.validate_generation(
+            model, variables, tokenizer, spec, examples, cfg))
+    out = Path(out) if out else cfg.run_dir / "evaluation"
+    title = f"{spec.name}: {cfg.output.name} (validation, {evaluation.metrics['n']} examples)"
+    has_losses = (cfg.run_dir / "metrics.jsonl").is_file()
+    return write_evaluation(out, evaluation, task=spec.name, title=title,
+                            run_dir=cfg.run_dir if has_losses else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kaggle_pipeline.evaluate",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", type=Path, help="CSV/TSV with an id column")
+    parser.add_argument("--references", help="the references (with --task: the task's file)")
+    parser.add_argument("--task", help="a built-in task: its reader, label set and kind")
+    parser.add_argument("--kind", choices=KINDS, help="override the kind")
+    parser.add_argument("--run", type=Path, help="a run directory: adds its loss curve")
+    parser.add_argument("--config", help="evaluate this run config's validation split")
+    parser.add_argument("--out", type=Path, help="report directory")
+    parser.add_argument("overrides", nargs="*", help="with --config: section.key=value")
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.predictions is None):
+        parser.error("give either --predictions or --config")
+    if args.overrides and args.config is None:
+        parser.error("section.key=value overrides go with --config")
+    try:
+        if args.config is not None:
+            from kaggle_pipeline.predict import TrainedModelMissing
+            from kaggle_pipeline.run_config import load_config
+
+            try:
+                report = evaluate_run(load_config(args.config, args.overrides), args.out)
+            except TrainedModelMissing as err:
+                raise EvaluationError(str(err)) from None
+        else:
+            report = evaluate_files(args.predictions, args.references, task=args.task,
+                                    kind=args.kind, run_dir=args.run, out=args.out)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

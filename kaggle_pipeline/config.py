@@ -158,3 +158,8 @@ def get_config(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def query_scale_for(embed_dim: int, num_heads: int, head_dim: int, by_embed: bool) -> float:
+    """1/sqrt(head_dim), or 1/sqrt(embed_dim / num_heads) for the models that use it (27B)."""
+    return (embed_dim / num_heads if by_embed else head_dim) ** -0.5

@@ -132,8 +132,21 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def local_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Each process holds its own rows; assemble the global, sharded arrays."""
+def process_rows(global_rows: int) -> slice:
+    """This process's contiguous block of a global batch (every process builds the same global
+    order from the seed, then feeds only its own rows)."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_rows % count:
+        raise ValueError(f"batch of {global_rows} rows does not split over {count} processes")
+    per = global_rows // count
+    return slice(index * per, (index + 1) * per)
+
+
+def global_batch_to_arrays(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Sharded global arrays from a host batch; with several processes each contributes only
+    its own rows (jax.make_array_from_process_local_data)."""
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    rows = process_rows(next(iter(batch.values())).shape[0])
+    return {k: jax.make_array_from_process_local_data(sharding, v[rows])
+            for k, v in batch.items()}

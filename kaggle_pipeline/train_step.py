@@ -88,5 +88,5 @@ class Trainer:
                        donate_argnums=(0,))
 
     def put_batch(self, batch: dict) -> dict:
-        return shd.local_batch_to_global({k: batch[k] for k in BATCH_KEYS},
+        return shd.global_batch_to_arrays({k: batch[k] for k in BATCH_KEYS},
                                          shd.batch_sharding(self.mesh))

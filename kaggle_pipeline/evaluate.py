@@ -11,8 +11,8 @@ task's own reader (a labelled TSV for tarr-sentiment, the JSON of aihub-dialogue
 "en.jsonl,ko.jsonl", ...) and the references are the examples' labels or answers. Without it `R`
 is a CSV/TSV with `id` and the prediction column's name (or a single other column). Every
 reference id needs exactly one prediction. The kind is the task's; without a task it is
-classification when every prediction is one of at most 20 reference values, else generation
-(`--kind` decides otherwise). `--run` adds the run's training loss curve.
+classification when every prediction is one of at most 20 reference values that repeat, else
+generation (`--kind` decides otherwise). `--run` adds the run's training loss curve.
 
 Config. `--config` evaluates a finished run on its validation split (the same split as
 training: same file, seed and fraction), writes `<run dir>/validation_predictions.csv` and the
@@ -148,8 +148,11 @@ def align(predictions: dict[str, str], references: dict[str, str], predictions_p
 
 
 def infer_kind(predictions: Sequence[str], references: Sequence[str]) -> str:
+    """Classification when the references are a small set of repeated values (labels) and
+    every prediction is one of them; anything else is text to score as generation."""
     values = set(references)
-    if len(values) <= MAX_CLASSES and set(predictions) <= values:
+    if len(values) <= MAX_CLASSES and len(values) < len(references) \
+            and set(predictions) <= values:
         return "classification"
     return "generation"
 

@@ -6,7 +6,11 @@
 `kaggle kernels push` uploads only the metadata and the code file, not the rest of the folder,
 so `build` embeds the package source (a base64 zip of kaggle_pipeline/*.py) and the task's
 config.toml in the code file; it also leaves a plain copy of the package beside it for running
-the kernel locally. The kernel's owner is filled in from --username, $KAGGLE_USERNAME or the
+the kernel locally. Before that, `build` checks the config against the run-config schema
+(kaggle_pipeline/run_config.py) with its placeholders filled, so a wrong key fails here and not
+an hour into a Kaggle session; a TPU kernel must compute in bfloat16 on all 8 cores.
+
+The kernel's owner is filled in from --username, $KAGGLE_USERNAME or the
 `username` field of kaggle.json. No credential value is ever read into the output, printed or
 written: `push` only checks that the kaggle CLI will find credentials, then runs it.
 """
@@ -14,14 +18,17 @@ written: `push` only checks that the kaggle CLI will find credentials, then runs
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import io
 import json
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +49,10 @@ REQUIRED_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_pr
                    "competition_sources", "kernel_sources", "model_sources")
 BOOL_FIELDS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
 SOURCE_FIELDS = ("dataset_sources", "competition_sources", "kernel_sources", "model_sources")
+
+TPU_DEVICES = 8  # a Kaggle TPU VM v3-8 / v5e-8
+# Placeholders every kernel fills, besides one per INPUTS entry of its kernel.py.
+BUILTIN_PLACEHOLDERS = ("input_root", "working_dir")
 
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _BUNDLED_SUFFIXES = (".py",)
@@ -250,6 +261,76 @@ def resolve_username(username: str | None = None) -> str:
                       f"'username' in {kaggle_config_dir() / 'kaggle.json'}")
 
 
+# ---------------------------------------------------------------- config
+
+
+def kernel_inputs(code: str, code_path: Path) -> dict[str, str]:
+    """The INPUTS table of a kernel's code (placeholder name -> glob), read without running it."""
+    for node in ast.parse(code, filename=str(code_path)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "INPUTS"
+                                                for t in node.targets):
+            try:
+                inputs = ast.literal_eval(node.value)
+            except ValueError:
+                inputs = None
+            if isinstance(inputs, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in inputs.items()):
+                return inputs
+            raise KernelError(f"{code_path}: line {node.lineno}: INPUTS must be a literal "
+                              "dict of name -> glob strings")
+    raise KernelError(f"{code_path}: no 'INPUTS = {{...}}' table of the files to find")
+
+
+def check_config(config_text: str, inputs: Mapping[str, str], config_path: Path, *,
+                 tpu: bool):
+    """The run config the kernel will train with, its placeholders filled with stand-in paths;
+    KernelError naming the file and the key when train would refuse it or TPU settings are
+    off. Returns the RunConfig."""
+    from kaggle_pipeline.predict import task_spec
+    from kaggle_pipeline.run_config import load_config
+
+    known = {*BUILTIN_PLACEHOLDERS, *inputs}
+    used = set()
+    for match in string.Template.pattern.finditer(config_text):
+        if match.group("invalid") is not None:
+            raise KernelError(f"{config_path}: a '$' that is no placeholder (write '$$')")
+        used.add(match.group("named") or match.group("braced"))
+    unknown = sorted(used - known - {None})
+    if unknown:
+        raise KernelError(f"{config_path}: placeholder(s) {unknown} are not filled by the "
+                          f"kernel; known: {sorted(known)}")
+    rendered = string.Template(config_text).safe_substitute(
+        {name: f"/kaggle/input/{name}" for name in known})
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / CONFIG_FILE
+        file.write_text(rendered, encoding="utf-8")
+        try:
+            cfg = load_config(file)
+            task_spec(cfg)
+        except ValueError as err:  # ConfigError, an unknown task
+            message = str(err).replace(str(file), str(config_path))
+            if not message.startswith(str(config_path)):
+                message = f"{config_path}: {message}"
+            raise KernelError(message) from None
+    if tpu:
+        for key in ("dtype", "param_dtype"):
+            if getattr(cfg.model, key) != "bfloat16":
+                raise KernelError(f"{config_path}: model.{key} = "
+                                  f"{getattr(cfg.model, key)!r}; a TPU kernel uses 'bfloat16'")
+        train = cfg.train
+        fixed = train.mesh_fsdp * train.mesh_model
+        data = TPU_DEVICES // fixed if train.mesh_data == -1 else train.mesh_data
+        if data * fixed != TPU_DEVICES:
+            raise KernelError(f"{config_path}: train.mesh_data x mesh_fsdp x mesh_model = "
+                              f"{train.mesh_data} x {train.mesh_fsdp} x {train.mesh_model} "
+                              f"does not use the {TPU_DEVICES} TPU cores")
+        if cfg.data.batch_size % (data * train.mesh_fsdp):
+            raise KernelError(f"{config_path}: data.batch_size = {cfg.data.batch_size} does "
+                              f"not split over the {data * train.mesh_fsdp} batch shards of "
+                              "the mesh")
+    return cfg
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -323,8 +404,11 @@ def build(task: str, out: str | os.PathLike, *, username: str | None = None,
         code_path = source / meta["code_file"]
         config_path = source / CONFIG_FILE
         config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-        code = embed(code_path.read_text(encoding="utf-8"), bundle_package(package_dir),
-                     config_text, code_path)
+        code_text = code_path.read_text(encoding="utf-8")
+        if config_text is not None:
+            check_config(config_text, kernel_inputs(code_text, code_path), config_path,
+                         tpu=str(meta["enable_tpu"]).lower() == "true")
+        code = embed(code_text, bundle_package(package_dir), config_text, code_path)
         (out / meta["code_file"]).write_text(code, encoding="utf-8")
         if config_text is not None:
             (out / CONFIG_FILE).write_text(config_text, encoding="utf-8")

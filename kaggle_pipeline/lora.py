@@ -92,7 +92,7 @@ def delta_weights(factors: dict, target: str) -> jax.Array:
 
 def merge_lora(params: dict, lora_tree: dict, config: ModelConfig, lora: LoraConfig) -> dict:
     """Base params with scale·B·A folded in: the adapted model without the adapter."""
-    merged = jax.tree.map(lambda x: x, params)  # new containers, same leaves
+    merged = jax.tree.map(jnp.asarray, params)  # new containers; numpy leaves become arrays
     for layer_name, modules in lora_tree.items():
         layer = merged[layer_name]
         for module_name, targets in modules.items():

@@ -40,7 +40,12 @@ from kaggle_pipeline.packing import bucket_by_length
 from kaggle_pipeline.run_config import RunConfig, load_config, resolve_input
 from kaggle_pipeline.sampler import Sampler, SamplingConfig
 from kaggle_pipeline.scoring import best_threshold, cross_fitted_accuracy, score_labels
-from kaggle_pipeline.submission import submission_path, write_atomically, write_submission
+from kaggle_pipeline.submission import (
+    separator_for,
+    submission_path,
+    write_atomically,
+    write_submission,
+)
 from kaggle_pipeline.tasks import Example, TaskSpec, build_examples, get_task, load_records
 from kaggle_pipeline.tokenizer import Tokenizer
 
@@ -242,8 +247,12 @@ def write_predictions(spec: TaskSpec, cfg: RunConfig, ids: list, predictions: li
     """The submission under output.submissions, validated against the sample; returns its path."""
     test = input_paths(spec, cfg.data.test, "data.test")
     first = test[0] if isinstance(test, tuple) else test
-    ext = "tsv" if first.suffix.lower() == ".tsv" else "csv"
-    path = submission_path(spec.name, ext, root=cfg.output.submissions)
+    if spec.kind == "classification":  # the test file is the sample: its separator
+        sep = separator_for(first)
+    else:  # the test file may be JSON: tab only for a .tsv
+        sep = "\t" if first.suffix.lower() == ".tsv" else ","
+    path = submission_path(spec.name, "tsv" if sep == "\t" else "csv",
+                           root=cfg.output.submissions)
     id_col, label_col = spec.id_column or "id", answer_column(spec)
     if spec.kind == "classification":
         sample, domain = first, [str(k) for k in spec.label_map]
@@ -251,14 +260,14 @@ def write_predictions(spec: TaskSpec, cfg: RunConfig, ids: list, predictions: li
     else:
         # No sample file for generation: the submission is the ids with their answers.
         sample, domain = pl.DataFrame({id_col: [str(i) for i in ids]}), None
-        texts = [_cell_text(p, "\t" if ext == "tsv" else ",") for p in predictions]
+        texts = [_cell_text(p, sep) for p in predictions]
         empty = [str(i) for i, p in zip(ids, predictions, strict=True) if not str(p).strip()]
         if empty:
             log(f"warning: {len(empty)} empty answers written as {EMPTY_ANSWER!r} "
                 f"(ids {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
     frame = pl.DataFrame({id_col: [str(i) for i in ids], label_col: texts})
     write_submission(frame, path, sample=sample, id_col=id_col, label_col=label_col,
-                     label_domain=domain, sep="\t" if ext == "tsv" else ",")
+                     label_domain=domain, sep=sep)
     return path
 
 

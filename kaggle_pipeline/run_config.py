@@ -39,9 +39,10 @@ class DataSection:
     train: str = "data/tarr/train.tsv"
     test: str = "data/tarr/test.tsv"
     validation_fraction: float = 1 / 3
-    seq_len: int = 256  # packed row length
+    seq_len: int = 128  # packed row length
     batch_size: int = 4  # rows per step
-    loss_on: str = "answer"  # "answer": model turns; "label": only the label word's tokens
+    # "answer": every model turn; "label": for classification only the label word's tokens
+    loss_on: str = "label"
     on_bad_row: str = "error"  # or "skip"
     pack: bool = True
 

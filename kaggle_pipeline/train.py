@@ -185,7 +185,9 @@ def run(cfg: RunConfig) -> dict:
     def on_sigterm(signum, frame):
         stop["signal"] = signum
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    # SIGTERM (a preempted notebook, `kill`) and Ctrl-C both finish the step, save, and exit.
+    previous_handlers = {sig: signal.signal(sig, on_sigterm)
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics_path = run_dir / "metrics.jsonl"
     start_step = int(state["step"])
     keep_metrics_until(metrics_path, start_step)
@@ -241,7 +243,8 @@ def run(cfg: RunConfig) -> dict:
                         ckpts.save(state, step)
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         ckpts.wait()
         write_loss_plot(metrics_path, run_dir / "loss.png")
 

@@ -38,6 +38,7 @@ class Trainer:
         return {"params": trainable}
 
     def init_state(self, trainable: dict) -> dict:
+        """The step donates its state: `trainable` must not be used by the caller afterwards."""
         trainable = jax.device_put(trainable, self.trainable_shardings(trainable))
         opt_state = jax.jit(self.optimizer.init,
                             out_shardings=self._opt_shardings(trainable))(trainable)
@@ -76,7 +77,7 @@ class Trainer:
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
             trainable = optax.apply_updates(state["trainable"], updates)
             metrics = {"loss": loss, "loss_sum": total, "target_tokens": count,
-                       "grad_norm": optax.global_norm(grads)}
+                       "grad_norm": optax.tree.norm(grads)}
             return {"step": state["step"] + 1, "trainable": trainable,
                     "opt_state": opt_state}, metrics
 

@@ -3,19 +3,27 @@
     python scripts/bench.py --out bench.json               # the full run (on a quiet machine)
     python scripts/bench.py --quick --out /tmp/quick.json  # a few small steps of every part
 
-Everything uses the real Gemma 3 270M (the packaged GGUF), f32, on the CPU, offline.
+Everything uses the real Gemma 3 270M (the packaged GGUF), f32, on the CPU, offline, with
+--threads (default 2) threads for torch and BLAS; XLA uses every core.
 Parts (--parts, comma-separated; default all of them):
-  train   one LoRA train step (q, k, v, o, rank 8, alpha 16, AdamW): ours vs transformers + peft
-          (full logits + cross-entropy on -100 labels, and with logits only where the loss is)
-          vs gemma's gm.nn.LoRA (run in .venv-ref); tokens/s, MFU against the best measured
-          f32 matmul rate of this CPU, peak RSS
-  keras   the review job as the Keras tutorials run it (each review padded to 512 tokens,
-          batch 1, 5 epochs, logits at all 512 positions), emulated with our model, vs the
-          default job (packing, logits only at the loss positions); a few steps timed and
-          extrapolated, or the real default train phase with --full-job
-  decode  greedy decoding tokens/s: our Sampler vs transformers' generate, same prompts
-  load    peak RSS while loading the GGUF, HF safetensors and Orbax checkpoints, over the bytes
-          of the loaded params
+  train   one LoRA train step (q, k, v, o, rank 8, alpha 16, AdamW, clip 1.0) on the same batch
+          (random token ids, the loss on the last --targets tokens of each row):
+            ours     kaggle_pipeline's jitted Trainer step, with the XLA flag it sets on import
+            hf       transformers + peft the way a HF user writes it: full logits, labels -100
+            hf-keep  the same, logits only where the loss is (`logits_to_keep`)
+            gemma    DeepMind's gemma (.venv-ref): gm.nn.LoRA's wrappers on the attention
+                     einsums (its kv einsum shares one A for k and v; no alpha scaling), optax
+                     adamw, full logits then masked cross-entropy, jitted
+          tokens/s; MFU = model FLOP/s (see flops_per_step) / the best f32 matmul rate this run
+          measures with jax (our flag), numpy and torch; peak RSS; step-1 losses, which must
+          agree (same weights, LoRA B = 0)
+  keras   the review job as the Keras tutorials run it (every review padded to 512 tokens, batch
+          1, 5 epochs, logits at all 512 positions; the loss mask is the job's), emulated with our
+          model, vs the default job of run_config (packing, logits only at loss positions): a
+          few steps timed and extrapolated; --full-job also runs the real default train phase
+  decode  greedy decoding, no stop token: our Sampler vs transformers' generate, same prompts
+  load    peak RSS while loading the GGUF, HF safetensors and Orbax checkpoints, over the RSS
+          after imports, divided by the bytes of the loaded f32 params
 
 Each measurement runs in a fresh subprocess (`--worker NAME SPEC.json`), so peak RSS and thread
 pools belong to one framework only; this parent process imports neither jax nor torch.
@@ -59,8 +67,9 @@ class Settings:
     batch: int = 4
     seq_len: int = 256
     targets: int = 16  # loss positions per row: the last `targets` tokens
-    warmup: int = 2  # untimed steps (the first one compiles)
+    warmup: int = 2  # untimed steps before the timed ones (jax compiles ahead of them)
     steps: int = 10  # timed steps
+    keras_warmup: int = 1  # untimed steps after compiling
     keras_steps: int = 8
     prompts: int = 4
     new_tokens: int = 64
@@ -68,10 +77,13 @@ class Settings:
     matmul_sizes: tuple[int, ...] = (2048, 4096)
     matmul_reps: int = 5
     threads: int = 2
+    load_formats: tuple[str, ...] = LOAD_FORMATS
 
 
-QUICK = Settings(batch=2, seq_len=128, targets=8, warmup=1, steps=2, keras_steps=2, prompts=2,
-                 new_tokens=16, decode_runs=1, matmul_sizes=(2048, 4096), matmul_reps=1)
+QUICK = Settings(batch=1, seq_len=128, targets=8, warmup=1, steps=2, keras_warmup=0,
+                 keras_steps=1, prompts=2, new_tokens=16, decode_runs=1, matmul_sizes=(2048,),
+                 matmul_reps=2,
+                 load_formats=("gguf", "hf-float32", "orbax-float32"))
 
 
 # ------------------------------------------------------------------------------ memory
@@ -131,6 +143,13 @@ def train_batch(path: Path) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "targets": targets,
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
             "segment_ids": np.ones((b, t), np.int32)}
+
+
+def compile_ahead(trainer, state, frozen, batch) -> tuple[object, float]:
+    """The train step compiled for these shapes, and how long compiling took."""
+    start = time.perf_counter()
+    step = trainer.compile_step(state, frozen).lower(state, frozen, batch).compile()
+    return step, time.perf_counter() - start
 
 
 def timed_steps(run_step, warmup: int, steps: int) -> dict:
@@ -261,8 +280,8 @@ def worker_train_ours(spec: dict) -> dict:
     state = trainer.init_state(init_lora(config, lora, jax.random.key(0)))
     frozen = jax.device_put(params, trainer.frozen_shardings(params))
     del params
-    step = trainer.compile_step(state, frozen)
     device_batch = trainer.put_batch(add_target_slots(batch, spec["targets"]))
+    step, compile_s = compile_ahead(trainer, state, frozen, device_batch)
     reset_ok = reset_peak_rss()
 
     def run_step():
@@ -271,7 +290,8 @@ def worker_train_ours(spec: dict) -> dict:
         return float(metrics["loss"])
 
     timing = timed_steps(run_step, spec["warmup"], spec["steps"])
-    return {**timing, "framework": f"kaggle_pipeline (jax {jax.__version__})",
+    return {**timing, "compile_s": compile_s,
+            "framework": f"kaggle_pipeline (jax {jax.__version__})",
             "first_loss": timing["values"][0], "lora_params": count_params(state["trainable"]),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "train_peak_rss_mb": rss_mb("VmHWM") if reset_ok else None}
@@ -412,10 +432,10 @@ def worker_keras(spec: dict) -> dict:
         logit_positions = width * batch_size
     trainer, state, frozen = _job_model(cfg, config, params, total_steps)
     del params
-    step = trainer.compile_step(state, frozen)
     device_batches = [trainer.put_batch(b) for b in step_batches[: spec["warmup"] +
                                                                  spec["steps"]]]
-    calls = iter(device_batches * 2)
+    step, compile_s = compile_ahead(trainer, state, frozen, device_batches[0])
+    calls = iter(device_batches * (1 + (spec["warmup"] + spec["steps"]) // len(device_batches)))
 
     def run_step():
         nonlocal state
@@ -423,7 +443,10 @@ def worker_keras(spec: dict) -> dict:
         return float(metrics["loss"])
 
     timing = timed_steps(run_step, spec["warmup"], spec["steps"])
-    return {**timing, "examples": stats.examples, "epochs": epochs, "rows": len(rows),
+    # Examples times epochs the steps cover (fewer than all epochs when train.max_steps cuts).
+    example_epochs = stats.examples * total_steps / num_batches(len(rows), batch_size)
+    return {**timing, "compile_s": compile_s, "examples": stats.examples, "epochs": epochs,
+            "rows": len(rows), "example_epochs": example_epochs,
             "batch_size": batch_size, "seq_len": seq_len, "total_steps": total_steps,
             "logit_positions_per_step": logit_positions,
             "tokens_computed": total_steps * batch_size * seq_len,
@@ -593,7 +616,7 @@ class Runner:
         shutil.rmtree(self.spool, ignore_errors=True)
 
 
-def prepare(runner: Runner, gguf: Path, parts: list[str]) -> dict:
+def prepare(runner: Runner, gguf: Path, parts: list[str], load_formats: tuple[str, ...]) -> dict:
     """Writes the exports the parts need once; later runs reuse them."""
     work = runner.work
     stat = gguf.stat()
@@ -608,7 +631,7 @@ def prepare(runner: Runner, gguf: Path, parts: list[str]) -> dict:
     if set(parts) & {"train", "decode"}:
         exports.append("hf-float32")
     if "load" in parts:
-        exports += [f for f in LOAD_FORMATS if f != "gguf" and f not in exports]
+        exports += [f for f in load_formats if f != "gguf" and f not in exports]
     missing = [e for e in exports if not (work / e).exists()]
     if missing or not meta_path.exists() or not (work / "params.npz").exists():
         log(f"exporting the GGUF's params to {work} (once): {', '.join(missing) or 'npz'}")
@@ -715,7 +738,7 @@ def part_keras(runner: Runner, meta: dict, s: Settings, overrides: list[str], fu
     for mode in ("padded", "packed"):
         log(f"review job: {mode}")
         out[mode] = runner.run("keras", {"mode": mode, "overrides": overrides,
-                                         "gguf": str(gguf), "warmup": 1,
+                                         "gguf": str(gguf), "warmup": s.keras_warmup,
                                          "steps": s.keras_steps})
         out[mode].pop("values", None)
     if full_job:
@@ -758,9 +781,9 @@ def part_decode(runner: Runner, meta: dict, s: Settings, results: dict) -> None:
     results["decode"] = out
 
 
-def part_load(runner: Runner, gguf: Path, results: dict) -> None:
+def part_load(runner: Runner, gguf: Path, formats: tuple[str, ...], results: dict) -> None:
     out = {}
-    for fmt in LOAD_FORMATS:
+    for fmt in formats:
         log(f"load: {fmt}")
         path = gguf if fmt == "gguf" else runner.work / fmt
         out[fmt] = runner.run("load", {"path": str(path)})
@@ -800,15 +823,22 @@ def report(results: dict) -> str:
         rows = []
         for name, r in train["variants"].items():
             if "error" in r:
-                rows.append([name, "error: " + r["error"][:60], *[""] * 8])
+                rows.append([name, "error: " + r["error"][:60], *[""] * 9])
                 continue
             rows.append([name, _f(r["step_s"], ".3f"), _f(r["tokens_per_s"], ".0f"),
                          _f(r.get("mfu"), ".1%"), _f(r.get("hfu"), ".1%"),
-                         _f(r["first_loss"], ".4f"), _f(r["first_step_s"], ".1f"),
+                         _f(r["first_loss"], ".4f"), _f(r.get("compile_s"), ".1f"),
+                         _f(r["first_step_s"], ".1f"),
                          _f(r.get("train_peak_rss_mb"), ".0f"), _f(r["peak_rss_mb"], ".0f"),
                          _f(r["step_s"] / ours if ours else None, ".2f") + "x"])
-        lines += [table(["variant", "step s", "tok/s", "MFU", "HFU", "loss@1", "1st step s",
-                         "train RSS MB", "peak RSS MB", "time/ours"], rows), ""]
+        lines.append(table(["variant", "step s", "tok/s", "MFU", "HFU", "loss@1", "compile s",
+                            "1st step s", "train RSS MB", "peak RSS MB", "time/ours"], rows))
+        first = [r["first_loss"] for r in train["variants"].values() if "first_loss" in r]
+        if len(first) > 1:
+            spread = (max(first) - min(first)) / abs(min(first))
+            lines.append(f"   loss of step 1 (same weights, same batch, LoRA B = 0) agrees to "
+                         f"{spread:.1e} relative" + ("" if spread < 1e-4 else
+                                                      "  <-- NOT the same computation?"))
         lines.append("   MFU: model FLOPs (unembedding only at loss positions) / peak; HFU: the "
                      "FLOPs each one executes (HF and gemma unembed every position).")
         lines.append("")
@@ -831,8 +861,8 @@ def report(results: dict) -> str:
                            rows))
         p, q = keras.get("padded", {}), keras.get("packed", {})
         if "estimated_s" in p and "estimated_s" in q:
-            per_p = p["estimated_s"] / (p["examples"] * p["epochs"])
-            per_q = q["estimated_s"] / (q["examples"] * q["epochs"])
+            per_p = p["estimated_s"] / p["example_epochs"]
+            per_q = q["estimated_s"] / q["example_epochs"]
             ratio = p["estimated_s"] / q["estimated_s"]
             lines.append(f"   estimated from {len(p['step_times_s'])} timed steps each "
                          f"(compilation excluded): keras/ours wall {ratio:.1f}x, "
@@ -844,7 +874,8 @@ def report(results: dict) -> str:
             lines.append(f"   full default train phase (run): {fj}" if "error" in fj else
                          f"   full default train phase (run): wall {fj['wall_s']:.0f} s, "
                          f"{fj['summary'].get('steps')} steps, train_seconds "
-                         f"{fj['summary'].get('train_seconds')} (load + compile included)")
+                         f"{fj['summary'].get('train_seconds')} (load, compile and "
+                         "checkpoints included)")
         lines.append("")
     decode = results.get("decode")
     if decode:
@@ -947,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_info(), "settings": dataclasses.asdict(settings),
                      "quick": args.quick, "parts": parts, "gguf": str(gguf)}
     try:
-        meta = prepare(runner, gguf, parts)
+        meta = prepare(runner, gguf, parts, settings.load_formats)
         if "train" in parts:
             part_train(runner, meta, settings, variants, results)
         if "keras" in parts:
@@ -955,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" in parts:
             part_decode(runner, meta, settings, results)
         if "load" in parts:
-            part_load(runner, gguf, results)
+            part_load(runner, gguf, settings.load_formats, results)
     finally:
         runner.cleanup()
         results["seconds"] = time.perf_counter() - started

@@ -10,11 +10,14 @@ import os
 import re
 import shutil
 import socket
+import string
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kaggle_pipeline import kernels
@@ -176,8 +179,80 @@ def test_task_kernels_share_the_template_runner():
 
     for task in TASKS:
         assert runner(task) == runner("template"), task
-        config = (REPO / "kernels" / task / "config.toml").read_text(encoding="utf-8")
-        assert f'task = "{task}"' in config
+
+
+def _rendered_config(task: str) -> tuple[str, dict[str, str]]:
+    """The kernel's config with its placeholders filled as on Kaggle: each input a path under
+    /kaggle/input shaped like its glob."""
+    source = REPO / "kernels" / task
+    inputs = kernels.kernel_inputs((source / "kernel.py").read_text(), source / "kernel.py")
+    values = {name: "/kaggle/input/" + glob.replace("**/", "").replace("[0-9]*", "1")
+              for name, glob in inputs.items()}
+    values |= {"input_root": "/kaggle/input", "working_dir": "/kaggle/working"}
+    text = (source / "config.toml").read_text(encoding="utf-8")
+    return string.Template(text).substitute(values), values
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_kernel_configs_follow_the_run_config_schema(task, tmp_path):
+    from kaggle_pipeline.predict import input_paths, task_spec
+    from kaggle_pipeline.run_config import load_config
+
+    text, values = _rendered_config(task)
+    (tmp_path / "run.toml").write_text(text, encoding="utf-8")
+    cfg = load_config(tmp_path / "run.toml")  # unknown sections or keys raise
+    spec = task_spec(cfg)
+    assert spec.name == (task if task != "template" else "tarr-sentiment")
+    model_dir = values["model_dir"]
+    assert model_dir == "/kaggle/input/gemma-2/flax/gemma2-2b-it/1"
+    assert cfg.model.checkpoint == model_dir  # the loader finds the Orbax folder inside
+    assert cfg.model.tokenizer == f"{model_dir}/tokenizer.model"
+    assert cfg.model.preset == "gemma2-2b-it"
+    assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "bfloat16")
+    assert (cfg.train.mesh_data, cfg.train.mesh_fsdp, cfg.train.mesh_model) == (1, 8, 1)
+    assert cfg.data.batch_size % 8 == 0 and cfg.train.predict
+    assert cfg.output.dir == "/kaggle/working/runs"
+    assert cfg.output.submissions == "/kaggle/working/submissions"
+    for field in ("train", "test"):
+        paths = input_paths(spec, getattr(cfg.data, field), f"data.{field}")
+        for path in paths if isinstance(paths, tuple) else (paths,):
+            assert str(path).startswith("/kaggle/input/") and path.suffix in (
+                ".tsv", ".json", ".jsonl"), (field, path)
+    # The file the kernel copies its submission to has the competition's format.
+    code = (REPO / "kernels" / task / "kernel.py").read_text(encoding="utf-8")
+    submission = re.search(r'^SUBMISSION_FILE = "(.+)"$', code, re.MULTILINE).group(1)
+    test = input_paths(spec, cfg.data.test)
+    test = test[0] if isinstance(test, tuple) else test
+    expected = ".tsv" if spec.kind == "classification" and test.suffix == ".tsv" else ".csv"
+    assert Path(submission).suffix == expected
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("\n[train]\n", "\n[train]\nsteps = 300\n"), r"config.toml: config section "
+                                                      r"\[train\]: unknown key\(s\) \['steps'\]"),
+        (("\n[train]\n", "\n[train\n"), r"template/config.toml: not valid TOML"),
+        (('task = "tarr-sentiment"', 'task = "nope"'), r"config.toml: unknown task 'nope'"),
+        (('dtype = "bfloat16"', 'dtype = "float32"'),
+         r"config.toml: model.dtype = 'float32'; a TPU kernel uses 'bfloat16'"),
+        (("mesh_fsdp = 8", "mesh_fsdp = 2"), r"config.toml: train.mesh_data x mesh_fsdp x "
+                                             r"mesh_model = 1 x 2 x 1 does not use the 8"),
+        (("batch_size = 8", "batch_size = 12"), r"data.batch_size = 12 does not split"),
+        (('train = "${train_file}"', 'train = "${train_path}"'),
+         r"placeholder\(s\) \['train_path'\] are not filled by the kernel"),
+    ],
+)
+def test_build_refuses_a_config_train_would_refuse(edit, message, tmp_path):
+    kernels_dir = tmp_path / "kernels"
+    shutil.copytree(REPO / "kernels" / "template", kernels_dir / "template")
+    config = kernels_dir / "template" / "config.toml"
+    old, new = edit
+    assert old in config.read_text()
+    config.write_text(config.read_text().replace(old, new, 1))
+    with pytest.raises(KernelError, match=message):
+        build("template", tmp_path / "out", username="alice", kernels_dir=kernels_dir)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- build
@@ -320,86 +395,141 @@ def test_push_refuses_an_unbuilt_kernel(secret_home, recorded_subprocess):
 
 # ---------------------------------------------------------------- simulated kernel run
 
-STUB_TRAIN = '''
-import sys, tomllib
-from pathlib import Path
-config = tomllib.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
-assert Path(config["data"]["train"]).is_file(), config["data"]["train"]
-assert Path(config["model"]["tokenizer"]).is_file(), config["model"]["tokenizer"]
-run = Path(config["train"]["output_dir"])
-run.mkdir(parents=True)
-(run / "trained").write_text(__file__)
-'''
-
-STUB_PREDICT = '''
-import sys, tomllib
-from pathlib import Path
-import polars as pl
-from kaggle_pipeline.submission import read_sample, write_submission
-config = tomllib.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
-assert (Path(config["train"]["output_dir"]) / "trained").is_file()
-sample = read_sample(config["predict"]["sample"])
-preds = pl.DataFrame({"id": sample["id"], "label": [1] * len(sample)})
-write_submission(preds, config["predict"]["output"], sample=config["predict"]["sample"],
-                 id_col="id", label_col="label", label_domain=[0, 1])
-'''
+TRAIN_REVIEWS = 24
+TEST_REVIEWS = 8
+# The smoke-run settings the kernel passes on to train: a tiny checkpoint needs its preset, and
+# two host devices stand in for the eight TPU cores (eight would each hold a full copy of the
+# 262k-way label-scoring logits in this machine's RAM).
+DEVICES = 2
+SMOKE_OVERRIDES = (f"model.preset=tiny-gemma2 train.max_steps=2 train.mesh_fsdp={DEVICES} "
+                   f"data.batch_size={DEVICES}")
 
 
-def _stub_package(tmp_path: Path) -> Path:
-    """The real package with train/predict replaced by stubs (the real CLIs are not ours)."""
-    package = tmp_path / "pkg" / "kaggle_pipeline"
-    shutil.copytree(REPO / "kaggle_pipeline", package,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (package / "train.py").write_text(STUB_TRAIN)
-    (package / "predict.py").write_text(STUB_PREDICT)
-    return package
+def _head(source: Path, out: Path, rows: int) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(lines[:rows + 1]), encoding="utf-8")
+    return out
+
+
+def _tiny_gemma2(model_dir: Path) -> None:
+    """Kaggle's Flax Gemma 2 layout, tiny: an Orbax checkpoint (the FLAT layout Kaggle ships)
+    of random params beside tokenizer.model (Gemma 3's, whose 262k vocabulary the tiny preset
+    has)."""
+    from kaggle_pipeline.assets import gemma3_270m_gguf
+    from kaggle_pipeline.checkpoints.orbax_format import save_orbax
+    from kaggle_pipeline.config import tiny_config
+    from kaggle_pipeline.model import abstract_params
+    from kaggle_pipeline.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(0)
+    params = _random_like(abstract_params(tiny_config("gemma2", vocab_size=262_144)), rng)
+    save_orbax(params, model_dir / "gemma2-2b-it")
+    Tokenizer.from_gguf(gemma3_270m_gguf()).save(model_dir / "tokenizer.model")
+
+
+def _random_like(tree, rng):
+    if isinstance(tree, dict):
+        return {k: _random_like(v, rng) for k, v in tree.items()}
+    return (0.3 * rng.standard_normal(tree.shape)).astype(np.float32)
 
 
 def _kaggle_input(root: Path) -> Path:
+    """/kaggle/input as the tarr kernel sees it: its dataset and the Gemma 2 model mount."""
     data = root / "tarr-review-sentiment"
-    data.mkdir(parents=True)
-    for name in ("train.tsv", "test.tsv"):
-        shutil.copyfile(REPO / "data" / "tarr" / name, data / name)
-    model = root / "gemma-2" / "flax" / "gemma2-2b-it" / "1"
-    (model / "gemma2-2b-it").mkdir(parents=True)
-    (model / "tokenizer.model").write_bytes(b"")
+    _head(REPO / "data" / "tarr" / "train.tsv", data / "train.tsv", TRAIN_REVIEWS)
+    _head(REPO / "data" / "tarr" / "test.tsv", data / "test.tsv", TEST_REVIEWS)
+    _tiny_gemma2(root / "gemma-2" / "flax" / "gemma2-2b-it" / "1")
     return root
 
 
-def _run_kernel(code_file: Path, input_root: Path, working: Path, cwd: Path):
+def _run_kernel(code_file: Path, input_root: Path, working: Path, cwd: Path, *,
+                overrides: str = "", timeout: float = 300):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": str(cwd),
-           "KAGGLE_INPUT_ROOT": str(input_root), "KAGGLE_WORKING_DIR": str(working)}
+           "KAGGLE_INPUT_ROOT": str(input_root), "KAGGLE_WORKING_DIR": str(working),
+           "KAGGLE_PIPELINE_OVERRIDES": overrides, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
     return subprocess.run([sys.executable, str(code_file)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_built_kernel_trains_predicts_and_writes_the_submission(clean_home, tmp_path):
-    out = build("tarr-sentiment", tmp_path / "k", username="alice",
-                package_dir=_stub_package(tmp_path))
+    from kaggle_pipeline.run_config import load_config
+
+    out = build("tarr-sentiment", tmp_path / "k", username="alice")
     shutil.rmtree(out / "kaggle_pipeline")  # as on Kaggle: only the code file is uploaded
     (out / "config.toml").unlink()
+    input_root = _kaggle_input(tmp_path / "input")
     working = tmp_path / "working"
-    result = _run_kernel(out / "kernel.py", _kaggle_input(tmp_path / "input"), working,
-                         tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "-m kaggle_pipeline.train --config" in result.stdout
-    config = (working / "tarr-sentiment.toml").read_text()
-    assert f'train = "{tmp_path}/input/tarr-review-sentiment/train.tsv"' in config
-    assert f'tokenizer = "{tmp_path}/input/gemma-2/flax/gemma2-2b-it/1/tokenizer.model"' in config
-    # The stub train ran from the bundle extracted outside the working dir.
-    trained_from = Path((working / "run" / "trained").read_text())
-    assert trained_from.parent.parent.name.startswith("kaggle_pipeline_src_")
-    assert trained_from.name == "train.py" and working not in trained_from.parents
-    lines = (working / "submission.tsv").read_text(encoding="utf-8").splitlines()
-    assert lines[0] == "id\tcomment\tlabel" and len(lines) == 101
-    assert all(line.endswith("\t1") for line in lines[1:])
+    result = _run_kernel(out / "kernel.py", input_root, working, tmp_path,
+                         overrides=SMOKE_OVERRIDES)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    config = working / "tarr-sentiment.toml"
+    assert f"-m kaggle_pipeline.train --config {config} {SMOKE_OVERRIDES}" in result.stdout
+    cfg = load_config(config)
+    model_dir = input_root / "gemma-2" / "flax" / "gemma2-2b-it" / "1"
+    assert cfg.model.checkpoint == str(model_dir)
+    assert cfg.model.tokenizer == str(model_dir / "tokenizer.model")
+    assert cfg.data.train == str(input_root / "tarr-review-sentiment" / "train.tsv")
+    assert (cfg.output.dir, cfg.output.submissions) == (str(working / "runs"),
+                                                        str(working / "submissions"))
+    # The package ran from the bundle extracted outside the working dir, sharded over the
+    # devices and in bfloat16, as configured for the TPU.
+    bundle = re.search(r"package: (\S+)", result.stdout).group(1)
+    assert Path(bundle).name.startswith("kaggle_pipeline_src_")
+    assert working not in Path(bundle).parents
+    assert f"mesh {{'data': 1, 'fsdp': {DEVICES}, 'model': 1}}" in result.stdout
+    assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "bfloat16")
+
+    run = working / "runs" / "tarr-sentiment"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["validation"]["accuracy"] <= 1.0
+    assert (run / "adapter" / "lora_config.json").is_file()
+    (written,) = (working / "submissions").iterdir()
+    assert summary["submission"] == str(written)
+    submission = working / "submission.tsv"
+    assert submission.read_bytes() == written.read_bytes()
+    test_lines = (input_root / "tarr-review-sentiment" / "test.tsv").read_text().splitlines()
+    lines = submission.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "id\tcomment\tlabel" and len(lines) == TEST_REVIEWS + 1
+    for line, original in zip(lines[1:], test_lines[1:], strict=True):
+        kept, _, label = line.rpartition("\t")
+        assert kept == original and label in ("0", "1")
 
 
 def test_kernel_names_a_missing_input(clean_home, tmp_path):
-    out = build("tarr-sentiment", tmp_path / "k", username="alice",
-                package_dir=_stub_package(tmp_path))
+    out = build("tarr-sentiment", tmp_path / "k", username="alice")
     (tmp_path / "input").mkdir()
     result = _run_kernel(out / "kernel.py", tmp_path / "input", tmp_path / "w", tmp_path)
     assert result.returncode != 0
     assert ("tarr-sentiment: input 'train_file': expected one match of "
             "'**/tarr-review-sentiment/train.tsv'") in result.stderr
+
+
+def test_kernel_refuses_a_stale_or_wrong_submission(tmp_path, monkeypatch):
+    """The copy step takes only what this run wrote, in the competition's format."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tarr_kernel",
+                                                  REPO / "kernels" / "tarr-sentiment" /
+                                                  "kernel.py")
+    kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel)
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    old = folder / "tarr-sentiment-old.tsv"
+    old.write_text("id\tlabel\n")
+    os.utime(old, (1_000_000, 1_000_000))
+    with pytest.raises(SystemExit, match="wrote no submission in"):
+        kernel.newest_submission(folder, since=2_000_000)
+    (folder / "tarr-sentiment-new.csv").write_text("id,label\n")
+    with pytest.raises(SystemExit, match=r"takes a \.tsv file \(submission.tsv\)"):
+        kernel.newest_submission(folder, since=2_000_000)
+    newest = folder / "tarr-sentiment-newer.tsv"
+    newest.write_text("id\tlabel\n")
+    os.utime(newest, (time.time() + 5, time.time() + 5))
+    assert kernel.newest_submission(folder, since=2_000_000) == newest
+    assert kernel.submissions_dir('[output]\nsubmissions = "subs"\n', [], tmp_path) == \
+        tmp_path / "subs"
+    assert kernel.submissions_dir("", ["output.submissions=/x/y"], tmp_path) == Path("/x/y")

@@ -90,8 +90,9 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def sharded_runs() -> dict:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([LORA_MESHES, FULL_MESHES])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
 TARR = ROOT / "data" / "tarr"
 
-SENTIMENT_PROMPT = ("다음 식당 리뷰의 감정을 분류하세요. 다음 중 하나로만 답하세요: 긍정, 부정"
-                    "\n\n리뷰: ")
+def sentiment_prompt(comment: str) -> str:
+    return f"리뷰: {comment}\n이 리뷰는 긍정인가요 부정인가요?"
 
 
 def examples(task: TaskSpec, path, **options) -> list[Example]:
@@ -69,21 +69,21 @@ def test_unknown_task_lists_the_built_in_ones():
 
 def test_tarr_fixture_conversations():
     assert examples(get_task(), FIXTURES / "tarr_train.tsv") == [
-        Example(0, [user(SENTIMENT_PROMPT + "국물이 진하고 면이 쫄깃해요 ㄹㅇ 맛집👍"),
+        Example(0, [user(sentiment_prompt("국물이 진하고 면이 쫄깃해요 ㄹㅇ 맛집👍")),
                     model("긍정")], 1),
-        Example(1, [user(SENTIMENT_PROMPT + '"웨이팅 1시간" 실화냐... 맛은 그냥 그럼'),
+        Example(1, [user(sentiment_prompt('"웨이팅 1시간" 실화냐... 맛은 그냥 그럼')),
                     model("부정")], 0),
-        Example(2, [user(SENTIMENT_PROMPT + "사장님 친절하시고 가격도 착해요ㅋㅋ"),
+        Example(2, [user(sentiment_prompt("사장님 친절하시고 가격도 착해요ㅋㅋ")),
                     model("긍정")], 1),
-        Example(3, [user(SENTIMENT_PROMPT + "ㅁㅊ 이 가격에 이 양? 다시는 안 감"),
+        Example(3, [user(sentiment_prompt("ㅁㅊ 이 가격에 이 양? 다시는 안 감")),
                     model("부정")], 0),
     ]
 
 
 def test_tarr_test_file_gives_prompts_only():
     got = examples(get_task(), FIXTURES / "tarr_test.tsv", labelled=False)
-    assert got == [Example(1, [user(SENTIMENT_PROMPT + "분위기 좋고 디저트도 맛있어요")]),
-                   Example(2, [user(SENTIMENT_PROMPT + '"최악" 그 자체')])]
+    assert got == [Example(1, [user(sentiment_prompt("분위기 좋고 디저트도 맛있어요"))]),
+                   Example(2, [user(sentiment_prompt('"최악" 그 자체'))])]
     assert got[0].prompt == got[0].conversation
     assert got[0].answer is None
 
@@ -95,14 +95,13 @@ def test_real_tarr_train_answers_follow_the_labels():
     assert len(got) == 300
     assert [e.answer for e in got] == [task.label_map[label] for label in frame["label"]]
     assert [e.label for e in got] == frame["label"].to_list()
-    assert got[5].prompt == [user(SENTIMENT_PROMPT + frame["comment"][5])]
+    assert got[5].prompt == [user(sentiment_prompt(frame["comment"][5]))]
 
 
 def test_english_label_words():
     task = get_task(label_map={1: "positive", 0: "negative"})
     got = examples(task, FIXTURES / "tarr_train.tsv")
-    assert task.prompt == ("다음 식당 리뷰의 감정을 분류하세요. 다음 중 하나로만 답하세요: "
-                           "positive, negative\n\n리뷰: {comment}")
+    assert task.prompt == "리뷰: {comment}\n이 리뷰는 positive인가요 negative인가요?"
     assert [e.answer for e in got] == ["positive", "negative", "positive", "negative"]
 
 

@@ -62,6 +62,15 @@ class Workspace:
     def run_dir(self, name: str) -> Path:
         return self.root / "runs" / name
 
+    def cli(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of a CLI run in a subprocess: this checkout's
+        package, the shared compilation cache."""
+        checkout = str(Path(train.__file__).resolve().parents[1])
+        path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "JAX_COMPILATION_CACHE_DIR": str(self.jax_cache),
+               **{name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}}
+        return [sys.executable, "-m", "kaggle_pipeline.train"], env
+
 
 def _head(source: Path, out: Path, rows: int) -> Path:
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -167,11 +176,9 @@ def test_stop_at_max_steps_then_resume_equals_an_unbroken_run(ws, straight, caps
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(ws, straight, capsys):
     args = ws.args("sigterm", "train.predict=false")
     run_dir = ws.run_dir("sigterm")
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ws.jax_cache),
-           **{name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}}
+    command, env = ws.cli()
     with open(ws.root / "sigterm.out", "w") as out, open(ws.root / "sigterm.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kaggle_pipeline.train", *args],
-                                cwd=ws.root, env=env, stdout=out, stderr=err)
+        proc = subprocess.Popen([*command, *args], cwd=ws.root, env=env, stdout=out, stderr=err)
         try:
             metrics = run_dir / "metrics.jsonl"
             deadline = time.time() + 180
@@ -260,7 +267,9 @@ def test_non_finite_loss_stops_without_saving_it(ws, monkeypatch, capsys, bad_st
 @pytest.mark.parametrize("argv, message", [
     (["nosuch.key=1"], "unknown config section(s) ['nosuch']; known: ['data', 'lora', "
                        "'model', 'optim', 'output', 'train']"),
-    (["train.nosuch=1"], "config section [train]: unknown key(s) ['nosuch']"),
+    (["train.nosuch=1"], "config section [train]: unknown key(s) ['nosuch']; known: ['epochs', "
+                         "'keep', 'max_steps', 'mesh_data', 'mesh_fsdp', 'mesh_model', "
+                         "'predict', 'save_every', 'seed']"),
     (["train.epochs"], "override 'train.epochs': expected section.key=value"),
     (["epochs=3"], "override 'epochs=3': expected section.key=value"),
     (["train.epochs=three"], "train.epochs: expected an integer, got 'three'"),
@@ -489,10 +498,11 @@ def test_bad_training_rows_fail_from_the_cli_or_are_skipped(ws, capsys):
     args = [*ws.args("bad-rows", "train.predict=false", "train.max_steps=1"),
             f"data.train={bad}"]
 
-    done = subprocess.run([sys.executable, "-m", "kaggle_pipeline.train", *args],
-                          cwd=ws.root, capture_output=True, text=True, timeout=120)
+    command, env = ws.cli()
+    done = subprocess.run([*command, *args], cwd=ws.root, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"error: {bad}: line 6, field 'label': label 2 is not one of 0, 1\n"
+    assert done.stderr == f"error: {bad}: line 6, field 'label': label 2 is not one of 1, 0\n"
 
     only_empty = ws.root / "empty_comment.tsv"
     only_empty.write_text("".join(lines[:5] + lines[6:]), encoding="utf-8")
@@ -504,7 +514,7 @@ def test_bad_training_rows_fail_from_the_cli_or_are_skipped(ws, capsys):
     assert train.main([*args, "data.on_bad_row=skip"]) == 0
     out = capsys.readouterr().out
     assert (f"read {TRAIN_REVIEWS} rows, skipped 2 of {TRAIN_REVIEWS + 2}:\n"
-            f"  {bad}: line 6, field 'label': label 2 is not one of 0, 1\n"
+            f"  {bad}: line 6, field 'label': label 2 is not one of 1, 0\n"
             f"  {bad}: line 9, field 'comment': empty text\n") in out
     assert "16 training and 4 validation examples" in out
     assert [r["step"] for r in _metrics(ws.run_dir("bad-rows"))] == [1]

@@ -1,4 +1,4 @@
-"""Kaggle kernel: LoRA fine-tune Gemma with kaggle_pipeline, predict, write the submission.
+"""Kaggle kernel: LoRA fine-tune Gemma with kaggle_pipeline and write the submission.
 
 Kaggle uploads only this file when a kernel is pushed, so `python -m kaggle_pipeline.kernels
 build` embeds the package source (a base64 zip) and the task's config.toml into it. The kernel
@@ -6,9 +6,16 @@ runs with the internet off and downloads nothing. Wheels for packages missing fr
 image can be attached as a dataset whose folder is named `kaggle-pipeline-wheels`; they are
 installed with `pip install --no-index --no-deps`.
 
+What it does: find the inputs (INPUTS below) under the input root, fill their paths into the
+config, run `python -m kaggle_pipeline.train --config <working>/<task>.toml` (which trains,
+validates, predicts the test file and writes a submission under output.submissions), then copy
+the submission that run wrote to `<working>/SUBMISSION_FILE`.
+
 Paths come from the environment, so the kernel also runs locally on copies of its inputs:
-  KAGGLE_INPUT_ROOT   where datasets and models are mounted (default /kaggle/input)
-  KAGGLE_WORKING_DIR  where outputs are written (default /kaggle/working)
+  KAGGLE_INPUT_ROOT          where datasets and models are mounted (default /kaggle/input)
+  KAGGLE_WORKING_DIR         where outputs are written (default /kaggle/working)
+  KAGGLE_PIPELINE_OVERRIDES  extra `section.key=value` settings for train, space-separated
+                             (e.g. "train.max_steps=2" for a smoke run)
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ import base64
 import io
 import json
 import os
+import shlex
+import shutil
 import string
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -31,8 +41,8 @@ SUBMISSION_FILE = "submission.csv"
 # Found by glob under KAGGLE_INPUT_ROOT, so the exact mount layout does not matter
 # (models mount as <model>/<framework>/<variation>/<version>).
 INPUTS = {
-    "train_file": "**/aihub-emotional-dialogue/train.jsonl",
-    "test_file": "**/aihub-emotional-dialogue/test.jsonl",
+    "train_file": "**/aihub-emotional-dialogue/train.json",
+    "test_file": "**/aihub-emotional-dialogue/test.json",
     "model_dir": "**/gemma-2/flax/gemma2-2b-it/[0-9]*",
 }
 
@@ -40,6 +50,7 @@ INPUTS = {
 PACKAGE_ZIP_B64 = None  # set by `python -m kaggle_pipeline.kernels build`
 CONFIG_TOML = None  # set by the build from config.toml
 WHEELS_GLOB = "**/kaggle-pipeline-wheels/*.whl"
+OVERRIDES_ENV = "KAGGLE_PIPELINE_OVERRIDES"
 
 
 def _here() -> Path | None:
@@ -98,6 +109,37 @@ def render_config(template: str, values: dict[str, Path]) -> str:
     return text
 
 
+def submissions_dir(config_text: str, overrides: list[str], working_dir: Path) -> Path:
+    """output.submissions of the run (an override wins), relative to the working dir."""
+    value = tomllib.loads(config_text).get("output", {}).get("submissions", "submissions")
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key == "output.submissions":
+            value = text
+    return working_dir / Path(value).expanduser()
+
+
+def newest_submission(folder: Path, since: float) -> Path:
+    """The submission the run just wrote: the newest file there, not older than `since`."""
+    wanted = Path(SUBMISSION_FILE).suffix
+    written = [p for p in folder.glob("*") if p.suffix in (".csv", ".tsv")
+               and p.stat().st_mtime >= since] if folder.is_dir() else []
+    if not written:
+        raise SystemExit(f"{TASK}: train finished but wrote no submission in {folder} (is "
+                         "data.test set and train.predict true?)")
+    newest = max(written, key=lambda p: p.stat().st_mtime)
+    if newest.suffix != wanted:
+        raise SystemExit(f"{TASK}: the run wrote {newest.name}, but this competition takes a "
+                         f"{wanted} file ({SUBMISSION_FILE})")
+    return newest
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    temp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temp)
+    os.replace(temp, target)
+
+
 def run(step: str, command: list[str], **kwargs) -> None:
     print("+", " ".join(command), flush=True)
     code = subprocess.run(command, **kwargs).returncode
@@ -114,18 +156,21 @@ def main() -> None:
         run("pip install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
                             *map(str, wheels)])
     values = {"input_root": input_root, "working_dir": working_dir, **find_inputs(input_root)}
+    text = render_config(config_template(), values)
     config = working_dir / f"{TASK}.toml"
-    config.write_text(render_config(config_template(), values), encoding="utf-8")
+    config.write_text(text, encoding="utf-8")
+    overrides = shlex.split(os.environ.get(OVERRIDES_ENV, ""))
+    root = package_root()
+    print(f"{TASK}: package: {root}", flush=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), env.get("PYTHONPATH"))
-                                        if p)
-    for step in ("train", "predict"):
-        run(step, [sys.executable, "-m", f"kaggle_pipeline.{step}", "--config", str(config)],
-            env=env, cwd=working_dir)
-    submission = working_dir / SUBMISSION_FILE
-    if not submission.is_file():
-        raise SystemExit(f"{TASK}: predict finished but {submission} does not exist")
-    print(f"{TASK}: wrote {submission}")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    started = time.time() - 1.0  # file times may be a little coarser than the clock
+    run("train", [sys.executable, "-m", "kaggle_pipeline.train", "--config", str(config),
+                  *overrides], env=env, cwd=working_dir)
+    written = newest_submission(submissions_dir(text, overrides, working_dir), started)
+    target = working_dir / SUBMISSION_FILE
+    copy_atomically(written, target)
+    print(f"{TASK}: copied {written} to {target}")
 
 
 if __name__ == "__main__":

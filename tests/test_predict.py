@@ -1,0 +1,336 @@
+"""Predictions on a tiny random Gemma 3 with the real 262k vocabulary and tokenizer: label
+scoring against a direct full-forward computation, the batched sampler against a greedy
+full-forward loop, generation submissions, and the predict CLI after a tiny training run."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+import pytest
+
+from kaggle_pipeline import metrics, predict, train
+from kaggle_pipeline.assets import gemma3_270m_gguf
+from kaggle_pipeline.chat_template import Turn, encode_conversation, encode_prompt
+from kaggle_pipeline.checkpoints import save_hf
+from kaggle_pipeline.config import tiny_config
+from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.run_config import PROJECT_DIR, load_config
+from kaggle_pipeline.sampler import Sampler, SamplingConfig
+from kaggle_pipeline.scoring import score_labels
+from kaggle_pipeline.submission import read_sample
+from kaggle_pipeline.tasks import Example, build_examples, get_task, load_records
+from kaggle_pipeline.tokenizer import Tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+CONFIG = tiny_config("gemma3", vocab_size=262_144)  # the "tiny-gemma3" preset
+REVIEWS = ["국물이 진하고 면이 쫄깃해요 ㄹㅇ 맛집👍", "웨이팅 1시간 실화냐... 맛은 그냥 그럼",
+           "사장님 친절하시고 가격도 착해요ㅋㅋ", "최악"]
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Random weights without flax's init (whose op-by-op compile takes seconds); std 0.3 makes
+    the logits peaked enough that greedy choices are never near-ties."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32),
+                        abstract_params(config))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_gguf(gemma3_270m_gguf())
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def variables() -> dict:
+    return {"params": random_params(CONFIG)}
+
+
+def prompts_of(texts):
+    return [[Turn("user", f"리뷰: {text}")] for text in texts]
+
+
+REFERENCE_LENGTH = 128  # every reference sequence is padded to this: one compilation
+REFERENCE_POSITIONS = 16
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_fns(model):
+    def logits_at(variables, tokens, segment_ids, at):
+        hidden, _ = model.apply(variables, tokens, jnp.arange(tokens.shape[1])[None],
+                                segment_ids, return_hidden=True)
+        return model.apply(variables, hidden[0, at], method=Transformer.unembed)
+
+    return jax.jit(logits_at)
+
+
+def full_logits(model, variables, ids, at) -> np.ndarray:
+    """[len(at), V] logits at positions `at` of one plain forward pass over the whole sequence
+    (no cache, no packing). Right padding keeps the shapes fixed; causal attention and segment
+    id 0 keep the padding out of every real position. Only the asked positions are unembedded
+    (a 262k-way matmul per position)."""
+    assert len(ids) <= REFERENCE_LENGTH and len(at) <= REFERENCE_POSITIONS
+    tokens = np.zeros((1, REFERENCE_LENGTH), np.int32)
+    tokens[0, :len(ids)] = ids
+    segment_ids = (np.arange(REFERENCE_LENGTH) < len(ids)).astype(np.int32)[None]
+    where = np.zeros(REFERENCE_POSITIONS, np.int32)
+    where[:len(at)] = at
+    return np.asarray(_reference_fns(model)(variables, tokens, segment_ids, where))[:len(at)]
+
+
+# ----------------------------------------------------------------------------- label scoring
+
+
+def direct_label_logprob(model, variables, tokenizer, prompt, word) -> tuple[float, int]:
+    """log p(word's tokens | prompt) from one unpacked full forward pass; (value, tokens)."""
+    enc = encode_conversation(tokenizer, [*prompt, Turn("model", word)])
+    start = len(encode_prompt(tokenizer, prompt))
+    label = tokenizer.encode(word)
+    assert enc.ids[start:start + len(label)].tolist() == label
+    assert enc.ids[start + len(label)] == tokenizer.end_of_turn_id
+    at = [start + j - 1 for j in range(len(label))]  # the positions that predict the label
+    logp = jax.nn.log_softmax(full_logits(model, variables, enc.ids, at), axis=-1)
+    return float(sum(logp[j, t] for j, t in enumerate(label))), len(label)
+
+
+def test_multi_token_label_scores_sum_all_their_tokens(model, variables, tokenizer):
+    words = ["아주 맛있는 식당이에요", "별로", "그저 그런 편이었습니다"]
+    prompts = prompts_of(REVIEWS[:3])
+    scores = score_labels(model, variables, tokenizer, prompts, words, seq_len=128, batch_size=4)
+    lengths = set()
+    for i, prompt in enumerate(prompts):
+        for j, word in enumerate(words):
+            expected, n_tokens = direct_label_logprob(model, variables, tokenizer, prompt, word)
+            lengths.add(n_tokens)
+            assert scores[i, j] == pytest.approx(expected, abs=2e-4), (i, word)
+    assert max(lengths) >= 3  # several labels really are multi-token
+    # Summing only the first token would differ by far more than the tolerance.
+    first_only, _ = direct_label_logprob(model, variables, tokenizer, prompts[0], words[0][:2])
+    assert abs(first_only - scores[0, 0]) > 1.0
+
+
+def test_batching_and_packing_order_do_not_change_scores(model, variables, tokenizer):
+    words = ["긍정", "부정", "잘 모르겠음"]
+    prompts = prompts_of(REVIEWS)
+    one_per_batch = score_labels(model, variables, tokenizer, prompts, words, seq_len=32,
+                                 batch_size=1)
+    packed = score_labels(model, variables, tokenizer, prompts, words, seq_len=128,
+                          batch_size=4)
+    reversed_order = score_labels(model, variables, tokenizer, prompts[::-1], words,
+                                  seq_len=128, batch_size=4)[::-1]
+    assert np.abs(one_per_batch - packed).max() <= 1e-5
+    assert np.abs(one_per_batch - reversed_order).max() <= 1e-5
+    assert len(set(np.round(one_per_batch.ravel(), 3))) > 6  # real, distinct scores
+
+
+def test_classification_prediction_is_always_a_valid_label(model, variables, tokenizer,
+                                                           tmp_path):
+    spec = get_task("tarr-sentiment")
+    three = get_task("tarr-sentiment", label_map={2: "중립", 1: "긍정", 0: "부정"})
+    frame = load_records(spec, FIXTURES / "tarr_train.tsv").frame
+    cfg = load_config(None, ["data.batch_size=2", "data.seq_len=128"])
+    for task in (spec, three):
+        examples = build_examples(task, frame, with_answers=False)
+        scores = predict.classify(model, variables, tokenizer, task, examples, cfg)
+        labels = list(task.label_map)
+        assert scores.shape == (len(examples), len(labels)) and np.isfinite(scores).all()
+        decided = predict.decide(scores, labels)
+        assert set(decided) <= set(labels)
+        if len(labels) == 2:
+            margins = scores[:, 0] - scores[:, 1]
+            assert decided == [1 if m > 0 else 0 for m in margins]
+            assert predict.decide(scores, labels, margins.max()) == [0] * len(examples)
+            assert predict.decide(scores, labels, margins.min() - 1) == [1] * len(examples)
+        else:
+            assert decided == [labels[i] for i in scores.argmax(axis=1)]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def greedy_full_forward(model, variables, prompt: list[int], steps: int, stops=()) -> list[int]:
+    """Reference decoding: the whole sequence through the model at every step, no cache."""
+    ids = list(prompt)
+    out = []
+    for _ in range(steps):
+        token = int(np.argmax(full_logits(model, variables, ids, [len(ids) - 1])[0]))
+        if token in stops:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_sampler_equals_a_greedy_full_forward_loop(model, variables, tokenizer):
+    # Prompt lengths on both sides of the sliding window (8) and of the 32-token padding.
+    prompts = [encode_prompt(tokenizer, p).tolist()
+               for p in prompts_of(["맛집", REVIEWS[1], REVIEWS[0] * 3])]
+    assert len({len(p) for p in prompts}) == 3 and max(len(p) for p in prompts) > 32
+    steps = 8
+    expected = [greedy_full_forward(model, variables, p, steps) for p in prompts]
+    sampler = Sampler(model, stop_ids=[tokenizer.end_of_turn_id, tokenizer.eos_id])
+    got = sampler.generate(variables, prompts, SamplingConfig(max_new_tokens=steps))
+    assert got == expected
+    # A stop token ends a sequence where the reference first reaches it, and is not returned.
+    row, at = next((i, k) for i, seq in enumerate(expected) for k in range(2, steps)
+                   if seq[k] not in seq[:k])
+    stop = expected[row][at]
+    stopped = Sampler(model, stop_ids=[stop]).generate(variables, prompts,
+                                                       SamplingConfig(max_new_tokens=steps))
+    assert stopped[row] == expected[row][:at]
+    for seq, got_seq in zip(expected, stopped, strict=True):
+        assert got_seq == (seq[:seq.index(stop)] if stop in seq else seq)
+
+
+def translation_config(tmp_path, test: Path | str, task="aihub-parallel", *extra):
+    return load_config(None, [f"data.task={task}", f"data.test={test}", "data.batch_size=2",
+                              f"output.dir={tmp_path / 'runs'}", "output.name=t",
+                              f"output.submissions={tmp_path / 'submissions'}", *extra])
+
+
+def test_generation_submission_has_every_test_id_once(model, variables, tokenizer, tmp_path):
+    cfg = translation_config(tmp_path, FIXTURES / "aihub_parallel_ko_en.csv")
+    spec = predict.task_spec(cfg)
+    path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
+    assert path.parent == tmp_path / "submissions" and path.suffix == ".csv"
+    frame = read_sample(path)
+    assert frame.columns == ["id", "en"]
+    assert frame["id"].to_list() == ["1", "2", "3"]  # every row of the file, once, in order
+    assert all(text.strip() for text in frame["en"].to_list())
+
+
+
+def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_path,
+                                              monkeypatch):
+    # The Dolly reader takes the (English, Korean) pair; ids are <record>-<field>. The answers
+    # are canned (decoding is tested above): each one names its prompt.
+    monkeypatch.setattr(predict, "generate", lambda model, variables, tokenizer, spec,
+                        examples, **kw: [f"번역 {e.prompt[0].text[-12:]}" for e in examples])
+    pair = f"{FIXTURES / 'dolly_en.jsonl'},{FIXTURES / 'dolly_ko.jsonl'}"
+    cfg = translation_config(tmp_path, pair, "dolly-en-ko")
+    spec = predict.task_spec(cfg)
+    records = load_records(spec, predict.input_paths(spec, cfg.data.test)).frame
+    path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
+    frame = read_sample(path)
+    assert frame.columns == ["id", "ko"]
+    assert frame["id"].to_list() == records["id"].to_list()
+    assert len(set(frame["id"].to_list())) == len(frame) == len(records) > 3
+    english = dict(zip(records["id"].to_list(), records["en"].to_list(), strict=True))
+    for key, answer in zip(frame["id"].to_list(), frame["ko"].to_list(), strict=True):
+        assert answer == f"번역 {english[key].strip()[-12:]}"  # each answer under its own id
+
+
+def test_generation_answers_follow_the_examples_order(model, variables, tokenizer):
+    spec = get_task("aihub-parallel")
+    examples = [Example(str(i), [Turn("user", text)]) for i, text in enumerate(REVIEWS)]
+    batched = predict.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6,
+                               batch_size=2)
+    for example, text in zip(examples, batched, strict=True):
+        prompt = encode_prompt(tokenizer, example.prompt).tolist()
+        ids = greedy_full_forward(model, variables, prompt, 6,
+                                  stops={tokenizer.end_of_turn_id, tokenizer.eos_id})
+        assert text == tokenizer.decode(ids).strip()
+
+
+def test_validate_generation_scores_and_writes_the_validation_answers(model, variables,
+                                                                    tokenizer, tmp_path):
+    cfg = translation_config(tmp_path, FIXTURES / "aihub_parallel_ko_en.csv")
+    spec = predict.task_spec(cfg)
+    frame = load_records(spec, FIXTURES / "aihub_parallel_ko_en.csv").frame
+    examples = build_examples(spec, frame)
+    result = predict.validate_generation(model, variables, tokenizer, spec, examples, cfg,
+                                         limit=2, max_new_tokens=6)
+    written = read_sample(Path(result["predictions_file"]))
+    assert Path(result["predictions_file"]) == cfg.run_dir / predict.VALIDATION_FILE
+    assert written.columns == ["id", "prediction", "reference"]
+    assert written["id"].to_list() == ["1", "2"]
+    assert written["reference"].to_list() == frame["en"].to_list()[:2]
+    hyps = written["prediction"].fill_null("").to_list()
+    assert hyps == predict.generate(model, variables, tokenizer, spec, examples[:2],
+                                    max_new_tokens=6, batch_size=2)
+    expected = metrics.generation_scores(hyps, written["reference"].to_list(),
+                                         expected_script="latin")
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), key
+    assert result["n"] == 2 and "tok:char" in result["bleu_signature"]
+
+
+def test_input_paths_errors_name_the_field():
+    with pytest.raises(ValueError, match="data.test: task 'dolly-en-ko' reads two files"):
+        predict.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.test")
+    with pytest.raises(ValueError, match="data.train: task 'tarr-sentiment' reads one file"):
+        predict.input_paths(get_task("tarr-sentiment"), ["a.tsv", "b.tsv"], "data.train")
+
+
+# ----------------------------------------------------------------------------- predict CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face-format tiny Gemma 3 and its tokenizer.model, as a user would have them."""
+    root = tmp_path_factory.mktemp("ckpt")
+    save_hf(random_params(CONFIG, seed=1), CONFIG, root / "model", dtype=jnp.float32)
+    tokenizer.save(root / "model" / "tokenizer.model")
+    return root / "model"
+
+
+def _head(source: Path, out: Path, rows: int) -> Path:
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(lines[:rows + 1]), encoding="utf-8")
+    return out
+
+
+def test_predict_cli_after_training_writes_the_sample_format(tiny_checkpoint, tmp_path, capsys):
+    data = PROJECT_DIR / "data" / "tarr"
+    train_file = _head(data / "train.tsv", tmp_path / "train.tsv", 12)
+    test_file = _head(data / "test.tsv", tmp_path / "test.tsv", 5)
+    args = [f"model.checkpoint={tiny_checkpoint}", "data.seq_len=128", "data.batch_size=2",
+            f"data.train={train_file}", f"data.test={test_file}", "train.max_steps=2",
+            "train.predict=false", f"output.dir={tmp_path / 'runs'}", "output.name=tiny",
+            f"output.submissions={tmp_path / 'submissions'}"]
+    assert train.main(args) == 0
+    assert (tmp_path / "runs" / "tiny" / "adapter" / "lora_config.json").is_file()
+    assert not (tmp_path / "submissions").exists()
+
+    assert predict.main(args) == 0
+    (written,) = (tmp_path / "submissions").iterdir()
+    assert written.name.startswith("tarr-sentiment-") and written.suffix == ".tsv"
+    test_lines = test_file.read_text(encoding="utf-8").splitlines()
+    lines = written.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == test_lines[0] + "\tlabel"
+    assert len(lines) == len(test_lines)
+    for line, original in zip(lines[1:], test_lines[1:], strict=True):
+        kept, _, label = line.rpartition("\t")
+        assert kept == original and label in ("0", "1")
+
+
+def test_predict_cli_without_an_adapter_fails_clearly(tmp_path, capsys, monkeypatch):
+    # Nothing is loaded before the check: a missing model would fail differently.
+    monkeypatch.setattr("kaggle_pipeline.loading.load_model", lambda *a, **k: pytest.fail(
+        "the model was loaded before the adapter was checked"))
+    code = predict.main([f"output.dir={tmp_path}", "output.name=never-trained",
+                         "model.checkpoint=/nonexistent/model"])
+    assert code == 2
+    err = capsys.readouterr().err
+    adapter = tmp_path / "never-trained" / "adapter"
+    assert f"error: {adapter}: no trained adapter" in err
+    assert "python -m kaggle_pipeline.train" in err
+
+
+def test_write_predictions_keeps_tsv_cells_on_one_line(tmp_path):
+    test = tmp_path / "test.tsv"
+    pl.DataFrame({"원문": ["하나", "둘"]}).write_csv(test, separator="\t")
+    cfg = translation_config(tmp_path, test)
+    path = predict.write_predictions(get_task("aihub-parallel"), cfg, ["1", "2"],
+                                     ["two\tlines\nhere", "  "])
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "id\ten", "1\ttwo lines here", f"2\t{predict.EMPTY_ANSWER}"]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kaggle_pipeline import metrics
 from kaggle_pipeline.report import write_report
+from kaggle_pipeline.tasks import TASK_NAMES
 
 KINDS = ("classification", "generation")
 MAX_CLASSES = 20  # more distinct references than this is not a label set
@@ -318,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", type=Path, help="CSV/TSV with an id column")
     parser.add_argument("--references", help="the references (with --task: the task's file)")
-    parser.add_argument("--task", help="a built-in task: its reader, label set and kind")
+    parser.add_argument("--task", choices=TASK_NAMES,
+                        help="a built-in task: its reader, label set and kind")
     parser.add_argument("--kind", choices=KINDS, help="override the kind")
     parser.add_argument("--run", type=Path, help="a run directory: adds its loss curve")
     parser.add_argument("--config", help="evaluate this run config's validation split")
@@ -329,19 +331,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --predictions or --config")
     if args.overrides and args.config is None:
         parser.error("section.key=value overrides go with --config")
+    from kaggle_pipeline.predict import TrainedModelMissing
+    from kaggle_pipeline.records import DataError
+    from kaggle_pipeline.run_config import ConfigError, load_config
+    from kaggle_pipeline.tasks import TemplateError
+
     try:
         if args.config is not None:
-            from kaggle_pipeline.predict import TrainedModelMissing
-            from kaggle_pipeline.run_config import load_config
-
-            try:
-                report = evaluate_run(load_config(args.config, args.overrides), args.out)
-            except TrainedModelMissing as err:
-                raise EvaluationError(str(err)) from None
+            report = evaluate_run(load_config(args.config, args.overrides), args.out)
         else:
             report = evaluate_files(args.predictions, args.references, task=args.task,
                                     kind=args.kind, run_dir=args.run, out=args.out)
-    except EvaluationError as err:
+    # Bad input, each message naming the file, row and field: no traceback.
+    except (EvaluationError, TrainedModelMissing, DataError, ConfigError, TemplateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")

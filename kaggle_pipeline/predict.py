@@ -343,16 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML run config (default: the embedded main job)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    spec = task_spec(cfg)
+    from kaggle_pipeline.records import DataError
+    from kaggle_pipeline.run_config import ConfigError
+    from kaggle_pipeline.submission import SubmissionError
+    from kaggle_pipeline.tasks import TemplateError
+
     try:
+        cfg = load_config(args.config, args.overrides)
+        spec = task_spec(cfg)
         model, variables, tokenizer = load_trained(cfg)
-    except TrainedModelMissing as err:
+        threshold = saved_threshold(cfg) if spec.kind == "classification" else 0.0
+        path = predict_test(model, variables, tokenizer, spec, cfg, threshold)
+    # Bad input, each message naming the file, row and field: no traceback.
+    except (TrainedModelMissing, ConfigError, DataError, TemplateError, SubmissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    threshold = saved_threshold(cfg) if spec.kind == "classification" else 0.0
-    path = predict_test(model, variables, tokenizer, spec, cfg, threshold)
     log(f"wrote {path}")
     return 0
 

@@ -28,9 +28,17 @@ from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.optim import make_optimizer
 from kaggle_pipeline.packing import batches, num_batches, pack
-from kaggle_pipeline.predict import classify, log, predict_test, task_spec, validate_classification
+from kaggle_pipeline.predict import (
+    classify,
+    input_paths,
+    log,
+    predict_test,
+    task_spec,
+    validate_classification,
+    validate_generation,
+)
 from kaggle_pipeline.records import DataError
-from kaggle_pipeline.run_config import ConfigError, RunConfig, load_config, resolve_input, to_toml
+from kaggle_pipeline.run_config import ConfigError, RunConfig, load_config, to_toml
 from kaggle_pipeline.scoring import answer_only
 from kaggle_pipeline.tasks import build_examples, load_records, train_validation_split
 
@@ -125,7 +133,8 @@ def run(cfg: RunConfig) -> dict:
     spec = task_spec(cfg)
 
     log(f"reading {cfg.data.train}")
-    table = load_records(spec, resolve_input(cfg.data.train), on_bad_row=cfg.data.on_bad_row)
+    table = load_records(spec, input_paths(spec, cfg.data.train, "data.train"),
+                         on_bad_row=cfg.data.on_bad_row)
     if table.skipped:
         log(table.report())
     train_frame, valid_frame = train_validation_split(
@@ -283,6 +292,9 @@ def evaluate_and_submit(cfg, spec, config, variables, tokenizer, valid_examples)
         log(f"validation accuracy {validation['accuracy']:.3f} (threshold {threshold:+.3f} fit "
             f"on validation; cross-fitted {validation.get('accuracy_cross_fitted', 0):.3f}, "
             f"uncalibrated {validation['raw_accuracy']:.3f}, AUC {validation.get('auc', 0):.3f})")
+    elif spec.kind == "generation" and valid_examples:
+        out["validation"] = validate_generation(model, variables, tokenizer, spec,
+                                                valid_examples, cfg)
     if cfg.data.test:
         path = predict_test(model, variables, tokenizer, spec, cfg, threshold)
         out["submission"] = str(path)

@@ -626,7 +626,10 @@ def prepare(runner: Runner, gguf: Path, parts: list[str], load_formats: tuple[st
         log(f"{work} holds exports of another model file; rewriting them")
         for item in ["meta.json", "params.npz", *LOAD_FORMATS]:
             target = work / item
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     exports = []
     if set(parts) & {"train", "decode"}:
         exports.append("hf-float32")
@@ -678,7 +681,7 @@ def part_train(runner: Runner, meta: dict, s: Settings, variants: list[str],
     tokens = rng.integers(1000, config["vocab_size"], (s.batch, s.seq_len), dtype=np.int32)
     targets = np.zeros((s.batch, s.seq_len), bool)
     targets[:, -s.targets:] = True
-    batch_path = runner.work / "train_batch.npz"
+    batch_path = runner.spool / "train_batch.npz"
     with open(batch_path, "wb") as f:
         np.savez(f, tokens=tokens, targets=targets)
 

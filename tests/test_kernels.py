@@ -443,12 +443,31 @@ def _kaggle_input(root: Path) -> Path:
     return root
 
 
+# Loaded at start-up by every Python process of a kernel run (the kernel keeps PYTHONPATH for
+# the train it starts): no socket may connect, and each process leaves its pid as proof.
+NO_NETWORK = """
+import os, socket
+
+def _refuse(self, *args, **kwargs):
+    raise OSError(f"network call attempted: {args}")
+
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+with open(os.environ["NO_NETWORK_LOG"], "a") as log:
+    log.write(f"{os.getpid()}\\n")
+"""
+
+
 def _run_kernel(code_file: Path, input_root: Path, working: Path, cwd: Path, *,
                 overrides: str = "", timeout: float = 300):
+    guard = cwd / "no_network"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": str(cwd),
            "KAGGLE_INPUT_ROOT": str(input_root), "KAGGLE_WORKING_DIR": str(working),
            "KAGGLE_PIPELINE_OVERRIDES": overrides, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+           "PYTHONPATH": str(guard), "NO_NETWORK_LOG": str(guard / "pids")}
     return subprocess.run([sys.executable, str(code_file)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -464,6 +483,7 @@ def test_built_kernel_trains_predicts_and_writes_the_submission(clean_home, tmp_
     result = _run_kernel(out / "kernel.py", input_root, working, tmp_path,
                          overrides=SMOKE_OVERRIDES)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len((tmp_path / "no_network" / "pids").read_text().split()) >= 2  # kernel + train
 
     config = working / "tarr-sentiment.toml"
     assert f"-m kaggle_pipeline.train --config {config} {SMOKE_OVERRIDES}" in result.stdout

@@ -52,7 +52,7 @@ def score_labels(model: Transformer, variables: dict, tokenizer: Tokenizer,
     if stats.truncated or stats.dropped:
         raise ValueError(f"label scoring lost examples: {stats.summary()}")
     # A coarse bound on targets per row, so validation and test reuse one compiled program.
-    width = max_targets_per_row(rows, multiple=64)
+    width = max_targets_per_row(rows, multiple=16)
     logprobs = _compiled_logprobs(model)
     totals = np.zeros(len(items))
     for batch in batches(rows, batch_size, seed=0, epoch=0, shuffle=False):

@@ -319,7 +319,7 @@ test = "a/test.csv"
 validation_fraction = 0.125
 seq_len = 512
 batch_size = 16
-loss_on = "label"
+loss_on = "answer"
 on_bad_row = "skip"
 pack = false
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,10 @@ import numpy as np
 
 from kaggle_pipeline.config import ModelConfig
 from kaggle_pipeline.model import abstract_params
+
+# XLA's CPU client adopts a host buffer aligned like this in jax.device_put instead of copying
+# it: with every tensor handed over this way, loading holds one copy of the model, not two.
+_ALIGNMENT = 64
 
 
 class CheckpointError(ValueError):
@@ -52,6 +59,39 @@ def require_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def read_into(file: BinaryIO, offset: int, buffer: np.ndarray) -> None:
+    """Fills the contiguous `buffer` with the file's bytes from `offset`. Plain reads leave
+    nothing resident; a memory mapping's touched pages would count in RSS next to our copy."""
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):  # a read may return less than asked (Linux: at most ~2 GiB)
+        count = os.preadv(file.fileno(), [view[done:]], offset + done)
+        if count == 0:
+            raise CheckpointError(f"{file.name}: the file ends at byte {offset + done}, inside "
+                                  "a tensor's data")
+        done += count
+
+
+def _adoptable(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` in `dtype` as a buffer device_put can adopt: itself if it already is one (writeable,
+    so not a file mapping or another jax array's memory), else a cast copy."""
+    if (array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+            and array.ctypes.data % _ALIGNMENT == 0):
+        return array
+    out = aligned_empty(array.shape, dtype)
+    np.copyto(out, array, casting="unsafe")  # the cast astype() would make
+    return out
+
+
 def build_params(
     config: ModelConfig,
     source: str,
@@ -62,7 +102,8 @@ def build_params(
     """Builds the param tree one tensor at a time: fetch(path) -> array or None if absent.
 
     Each tensor is checked, cast and placed (on its sharding if given) before the next is read,
-    so no full f32 copy of the model ever exists.
+    so no full f32 copy of the model ever exists. fetch hands its arrays over: on CPU the params
+    may share their memory (fetch returning aligned arrays of `dtype` saves a copy).
     """
     flat_shardings = flatten(shardings) if shardings is not None else {}
     out = {}
@@ -74,8 +115,8 @@ def build_params(
             raise CheckpointError(
                 f"{source}: weight '{path}' has shape {tuple(array.shape)}, "
                 f"the config expects {shape}")
-        array = np.asarray(array).astype(jnp.dtype(dtype), copy=False)
-        # device_put (sharding None = default device): jnp.asarray briefly holds a second copy.
+        array = _adoptable(np.asarray(array), np.dtype(jnp.dtype(dtype)))
+        # device_put (sharding None = default device) adopts it on CPU; jnp.asarray would copy.
         out[path] = jax.device_put(array, flat_shardings.get(path))
         del array
     return unflatten(out)

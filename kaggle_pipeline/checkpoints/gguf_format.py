@@ -8,14 +8,22 @@ Gemma's (1 + w); we subtract it again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from kaggle_pipeline.checkpoints.common import CheckpointError, build_params, require_file
+from kaggle_pipeline.checkpoints.common import (
+    CheckpointError,
+    aligned_empty,
+    build_params,
+    read_into,
+    require_file,
+)
 from kaggle_pipeline.checkpoints.hf_format import (
     hf_layout_shapes,
     official_gating_transposed,
@@ -48,7 +56,7 @@ _GGUF_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_ROWS_PER_CHUNK = 16_384  # dequantize big matrices in slices: no f32 copy of a bf16 embedding
+_ELEMENTS_PER_CHUNK = 1 << 22  # dequantize in slices: a bf16 embedding never exists in f32
 
 
 class _Reader(gguf.GGUFReader):
@@ -152,17 +160,29 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     )
 
 
-def _dequantize(tensor: gguf.ReaderTensor, dtype: np.dtype) -> np.ndarray:
-    """The tensor as numpy (rows, cols) in `dtype`, dequantized a slice of rows at a time."""
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    data, qtype = tensor.data, tensor.tensor_type
-    if len(shape) < 2 or shape[0] <= _ROWS_PER_CHUNK:
-        return gguf.quants.dequantize(data, qtype).reshape(shape).astype(dtype, copy=False)
-    out = np.empty(shape, dtype)
-    for start in range(0, shape[0], _ROWS_PER_CHUNK):
-        rows = gguf.quants.dequantize(data[start:start + _ROWS_PER_CHUNK], qtype)
-        out[start:start + _ROWS_PER_CHUNK] = rows.reshape(-1, *shape[1:])
-    return out
+class _TensorData:
+    """Where one tensor's bytes lie in the file. They are read with plain reads, not through the
+    reader's memory mapping, whose touched pages would stay resident next to our copy."""
+
+    def __init__(self, tensor: gguf.ReaderTensor):
+        self.qtype = tensor.tensor_type
+        self.shape = tuple(int(n) for n in reversed(tensor.shape))  # numpy order: rows first
+        self.offset, self.nbytes = int(tensor.data_offset), int(tensor.n_bytes)
+
+    def read(self, file: BinaryIO, dtype: np.dtype) -> np.ndarray:
+        """The tensor dequantized to `dtype`, a slice of rows at a time (blocks never span rows)
+        into an aligned buffer that build_params places as is."""
+        cols = self.shape[-1]
+        count = math.prod(self.shape) // cols
+        row_bytes = self.nbytes // count
+        out = aligned_empty((count, cols), dtype)
+        step = max(1, _ELEMENTS_PER_CHUNK // cols)
+        raw = np.empty((min(step, count), row_bytes), np.uint8)
+        for start in range(0, count, step):
+            part = raw[:min(step, count - start)]
+            read_into(file, self.offset + start * row_bytes, part)
+            out[start:start + len(part)] = gguf.quants.dequantize(part, self.qtype)
+        return out.reshape(self.shape)
 
 
 def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
@@ -180,7 +200,9 @@ def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
     source = str(path)
     if config is None:
         config = config_from_gguf(reader, source)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: _TensorData(t) for t in reader.tensors}
+    # The parsed metadata (a numpy view per vocabulary entry) holds more than the file's size.
+    del reader
     expected = hf_layout_shapes(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
@@ -191,18 +213,17 @@ def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
         if tensor is None:
             raise CheckpointError(f"{source}: missing tensor '{name}' "
                                   f"(expected shape {expected[hf_name]})")
-        shape = tuple(int(n) for n in reversed(tensor.shape))
-        if shape != expected[hf_name]:
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {shape}, "
+        if tensor.shape != expected[hf_name]:
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {tensor.shape}, "
                                   f"the config expects {expected[hf_name]}")
         used.add(name)
         if hf_name.endswith("norm.weight"):  # small f32 vectors: undo the +1 before casting
-            return (gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-                    - 1.0).astype(np_dtype)
-        return _dequantize(tensor, np_dtype)
+            return (tensor.read(file, np.dtype(np.float32)) - 1.0).astype(np_dtype)
+        return tensor.read(file, np_dtype)
 
-    params = build_params(config, source, lambda p: official_tensor(config, p, read),
-                          dtype, shardings)
+    with open(path, "rb", buffering=0) as file:
+        params = build_params(config, source, lambda p: official_tensor(config, p, read),
+                              dtype, shardings)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{source}: {len(unused)} tensors the config "

@@ -8,7 +8,6 @@ dequantized GGUF tensors come out in the HF orientation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from kaggle_pipeline.checkpoints.common import (
     CheckpointError,
+    aligned_empty,
     build_params,
     flatten,
+    read_into,
     require_file,
 )
 from kaggle_pipeline.config import PRESETS, AttentionKind, ModelConfig
@@ -354,6 +354,71 @@ def hf_tensor(config: ModelConfig, params: Mapping[str, object], name: str) -> n
 # --- safetensors ----------------------------------------------------------------------------
 
 
+# safetensors dtype code -> numpy dtype (the format is little-endian, like every host we run on).
+_NUMPY_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+                 "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16)}
+_READ_CHUNK = 1 << 24  # bytes of the stored dtype held at a time while converting dtypes
+
+
+class _Safetensors:
+    """One safetensors file, read with plain reads (safe_open maps the file, and every page a
+    tensor read touches stays resident next to the copy we keep)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        with open(file, "rb") as f:  # 8-byte little-endian length, then that much JSON
+            self.size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else self.size
+            if length > self.size - 8:
+                raise CheckpointError(f"{file}: not a safetensors file (no complete header)")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{file}: not a safetensors file ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self.data_start = 8 + length
+
+    def field(self, key: str, name: str):
+        """Header field `name` ('dtype', 'shape', 'data_offsets') of tensor `key`."""
+        entry = self.entries[key]
+        if not isinstance(entry, dict) or name not in entry:
+            raise CheckpointError(f"{self.file}: tensor '{key}' has no '{name}' in the header")
+        return entry[name]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.field(key, "shape"))
+
+    def read(self, key: str, dtype: np.dtype) -> np.ndarray:
+        """Tensor `key` converted to `dtype`, in an aligned buffer build_params places as is."""
+        code, shape = self.field(key, "dtype"), self.shape(key)
+        stored = _NUMPY_DTYPES.get(code)
+        if stored is None:
+            raise CheckpointError(f"{self.file}: tensor '{key}' has dtype {code!r} "
+                                  f"(expected one of {', '.join(_NUMPY_DTYPES)})")
+        offsets = self.field(key, "data_offsets")
+        begin, end = (self.data_start + int(n) for n in offsets)
+        if end - begin != math.prod(shape) * stored.itemsize or end > self.size:
+            raise CheckpointError(f"{self.file}: tensor '{key}' has data_offsets {offsets}, "
+                                  f"which do not hold {code} {shape} inside the file")
+        out = aligned_empty(shape, dtype)
+        flat = out.reshape(-1)
+        with open(self.file, "rb", buffering=0) as f:
+            if stored == dtype:
+                read_into(f, begin, flat)
+                return out
+            step = max(1, _READ_CHUNK // stored.itemsize)
+            chunk = np.empty(min(step, flat.size), stored)
+            for start in range(0, flat.size, step):
+                part = chunk[:min(step, flat.size - start)]
+                read_into(f, begin + start * stored.itemsize, part)
+                flat[start:start + part.size] = part  # the cast astype() would make
+        return out
+
+
 def _weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from model.safetensors or the sharded index."""
     index = directory / "model.safetensors.index.json"
@@ -366,8 +431,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="numpy") as f:
-        return dict.fromkeys(f.keys(), single)
+    return dict.fromkeys(_Safetensors(single).entries, single)
 
 
 def load_hf(path: str | Path, config: ModelConfig | None = None,
@@ -395,28 +459,30 @@ def load_hf(path: str | Path, config: ModelConfig | None = None,
                               f"({' / '.join(p + 'embed_tokens.weight' for p in TEXT_PREFIXES)}); "
                               "not a Gemma text checkpoint")
     expected = hf_layout_shapes(config)
+    np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
-    with contextlib.ExitStack() as stack:
-        handles = {}
+    shards: dict[Path, _Safetensors] = {}
 
-        def read(name: str) -> np.ndarray:
-            key = prefix + name
-            file = files.get(key)
-            if file is None:
-                raise CheckpointError(f"{directory}: missing tensor '{key}' "
-                                      f"(expected shape {expected[name]})")
-            if file not in handles:
-                require_file(file, "safetensors shard")
-                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
-            shape = tuple(handles[file].get_slice(key).get_shape())
-            if shape != expected[name]:
-                raise CheckpointError(f"{file}: tensor '{key}' has shape {shape}, "
-                                      f"the config expects {expected[name]}")
-            used.add(key)
-            return handles[file].get_tensor(key)
+    def read(name: str) -> np.ndarray:
+        key = prefix + name
+        file = files.get(key)
+        if file is None:
+            raise CheckpointError(f"{directory}: missing tensor '{key}' "
+                                  f"(expected shape {expected[name]})")
+        if file not in shards:
+            shards[file] = _Safetensors(require_file(file, "safetensors shard"))
+        shard = shards[file]
+        if key not in shard.entries:
+            raise CheckpointError(f"{file}: missing tensor '{key}' (listed in the index)")
+        if shard.shape(key) != expected[name]:
+            raise CheckpointError(f"{file}: tensor '{key}' has shape {shard.shape(key)}, "
+                                  f"the config expects {expected[name]}")
+        used.add(key)
+        # Cast here, elementwise as build_params would, so that only the target dtype is held.
+        return shard.read(key, np_dtype)
 
-        params = build_params(config, str(directory), lambda p: official_tensor(config, p, read),
-                              dtype, shardings)
+    params = build_params(config, str(directory), lambda p: official_tensor(config, p, read),
+                          dtype, shardings)
     unused = sorted(k for k in files if k.startswith(prefix) and k not in used)
     if unused:
         raise CheckpointError(f"{directory}: {len(unused)} tensors the config "

@@ -3,12 +3,15 @@
     python -m kaggle_pipeline.kernels build <task> --out <dir> [--username U] [--force]
     python -m kaggle_pipeline.kernels push <dir>
 
+Every kernel runs the same code, kernels/runner.py; a kernel folder holds only what differs: its
+metadata, its run config (config.toml) and its settings (kernel.py: SUBMISSION_FILE and INPUTS).
 `kaggle kernels push` uploads only the metadata and the code file, not the rest of the folder,
-so `build` embeds the package source (a base64 zip of kaggle_pipeline/*.py) and the task's
-config.toml in the code file; it also leaves a plain copy of the package beside it for running
-the kernel locally. Before that, `build` checks the config against the run-config schema
-(kaggle_pipeline/run_config.py) with its placeholders filled, so a wrong key fails here and not
-an hour into a Kaggle session; a TPU kernel must compute in bfloat16 on all 8 cores.
+so `build` writes the code file as the runner with the task's name and settings, its config.toml
+and the package source (a base64 zip of kaggle_pipeline/*.py) filled in; plain copies of the
+package and the config beside it show what was bundled. Before that, `build` checks the config
+against the run-config schema (kaggle_pipeline/run_config.py) with its placeholders filled, so a
+wrong key fails here and not an hour into a Kaggle session; a TPU kernel must compute in bfloat16
+on all 8 cores.
 
 The kernel's owner is filled in from --username, $KAGGLE_USERNAME or the
 `username` field of kaggle.json. No credential value is ever read into the output, printed or
@@ -31,12 +34,17 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = PACKAGE_DIR.parent / "kernels"
 METADATA_FILE = "kernel-metadata.json"
 CONFIG_FILE = "config.toml"
+RUNNER_FILE = "runner.py"  # in KERNELS_DIR, shared by every kernel
+# What the code file of a kernel folder (kernel.py) sets; the build refuses anything else there.
+SETTINGS = ("SUBMISSION_FILE", "INPUTS")
+SUBMISSION_SUFFIXES = (".csv", ".tsv")  # what the runner copies from the run's submissions
 PLACEHOLDER_USERNAME = "your-kaggle-username"
 
 # What `kaggle kernels push` accepts (kaggle 2.x, KaggleApi.kernels_push).
@@ -264,21 +272,61 @@ def resolve_username(username: str | None = None) -> str:
 # ---------------------------------------------------------------- config
 
 
-def kernel_inputs(code: str, code_path: Path) -> dict[str, str]:
-    """The INPUTS table of a kernel's code (placeholder name -> glob), read without running it."""
-    for node in ast.parse(code, filename=str(code_path)).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "INPUTS"
-                                                for t in node.targets):
-            try:
-                inputs = ast.literal_eval(node.value)
-            except ValueError:
-                inputs = None
-            if isinstance(inputs, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in inputs.items()):
-                return inputs
-            raise KernelError(f"{code_path}: line {node.lineno}: INPUTS must be a literal "
-                              "dict of name -> glob strings")
-    raise KernelError(f"{code_path}: no 'INPUTS = {{...}}' table of the files to find")
+@dataclass(frozen=True)
+class KernelSettings:
+    """What kernels/<task>/kernel.py sets: all of a kernel's code that is its own."""
+
+    submission_file: str  # written to the working dir, e.g. "submission.csv"
+    inputs: dict[str, str]  # config placeholder -> glob under the input root
+
+
+def read_settings(code_path: Path) -> KernelSettings:
+    """SUBMISSION_FILE and INPUTS of a kernel folder's kernel.py, read without running it.
+
+    The file holds these two literals and at most a docstring, so no runner code can be copied
+    into a kernel folder again."""
+    try:
+        tree = ast.parse(code_path.read_text(encoding="utf-8"), filename=str(code_path))
+    except OSError as err:
+        raise KernelError(f"{code_path}: cannot read the kernel's settings ({err})") from None
+    except SyntaxError as err:
+        raise KernelError(f"{code_path}: line {err.lineno}: not Python ({err.msg})") from None
+    values, lines = {}, {}
+    statements = tree.body[1:] if ast.get_docstring(tree) is not None else tree.body
+    for node in statements:
+        single = isinstance(node, ast.Assign) and len(node.targets) == 1
+        name = node.targets[0].id if single and isinstance(node.targets[0], ast.Name) else None
+        if name not in SETTINGS:
+            raise KernelError(f"{code_path}: line {node.lineno}: only {' and '.join(SETTINGS)} "
+                              f"belong here; the code every kernel runs is {RUNNER_FILE}")
+        if name in values:
+            raise KernelError(f"{code_path}: line {node.lineno}: {name} is set twice")
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except (ValueError, TypeError):  # a name, a call, an unhashable key
+            raise KernelError(f"{code_path}: line {node.lineno}: {name} must be a literal") \
+                from None
+        lines[name] = node.lineno
+    missing = [name for name in SETTINGS if name not in values]
+    if missing:
+        raise KernelError(f"{code_path}: {' and '.join(missing)} not set")
+    submission, inputs = values["SUBMISSION_FILE"], values["INPUTS"]
+    where = f"{code_path}: line {lines['SUBMISSION_FILE']}: SUBMISSION_FILE"
+    if not isinstance(submission, str) or Path(submission).name != submission:
+        raise KernelError(f"{where}: {submission!r} is not a file name")
+    if Path(submission).suffix not in SUBMISSION_SUFFIXES:
+        raise KernelError(f"{where}: {submission!r} does not end in one of {SUBMISSION_SUFFIXES}")
+    where = f"{code_path}: line {lines['INPUTS']}: INPUTS"
+    if not (isinstance(inputs, dict) and inputs and all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in inputs.items())):
+        raise KernelError(f"{where}: must be a dict of placeholder name -> glob strings")
+    for name in inputs:
+        # The names config.toml can write as ${name}: string.Template's identifiers.
+        if not name.isidentifier() or not name.isascii():
+            raise KernelError(f"{where}: {name!r} is not a placeholder name")
+        if name in BUILTIN_PLACEHOLDERS:
+            raise KernelError(f"{where}: {name!r} is filled by every kernel already")
+    return KernelSettings(submission, inputs)
 
 
 def check_config(config_text: str, inputs: Mapping[str, str], config_path: Path, *,
@@ -364,13 +412,22 @@ def _set_constant(code: str, name: str, literal: str, code_path: Path) -> str:
     return pattern.sub(lambda _: f"{name} = {literal}", code)
 
 
-def embed(code: str, bundle: bytes, config_text: str | None, code_path: Path) -> str:
+def kernel_code(runner: str, task: str, settings: KernelSettings, config_text: str,
+                bundle: bytes, runner_path: Path) -> str:
+    """The self-contained code file of a kernel: the runner with everything of the task in it."""
     encoded = base64.b64encode(bundle).decode("ascii")
     chunks = "\n".join(f'    "{encoded[i:i + 96]}"' for i in range(0, len(encoded), 96))
-    code = _set_constant(code, "PACKAGE_ZIP_B64", f"(\n{chunks}\n)", code_path)
-    if config_text is not None:
-        code = _set_constant(code, "CONFIG_TOML", repr(config_text), code_path)
-    return code
+    inputs = "".join(f"    {name!r}: {glob!r},\n" for name, glob in settings.inputs.items())
+    code = runner
+    for name, literal in (("TASK", repr(task)),
+                          ("SUBMISSION_FILE", repr(settings.submission_file)),
+                          ("INPUTS", f"{{\n{inputs}}}"),
+                          ("CONFIG_TOML", repr(config_text)),
+                          ("PACKAGE_ZIP_B64", f"(\n{chunks}\n)")):
+        code = _set_constant(code, name, literal, runner_path)
+    return (f"# Built by `python -m kaggle_pipeline.kernels build {task}` from "
+            f"kernels/{RUNNER_FILE},\n# kernels/{task}/kernel.py and kernels/{task}/{CONFIG_FILE}"
+            ": edit those, not this file.\n" + code)
 
 
 def _scan_for_secrets(out: Path, secrets: Sequence[str]) -> None:
@@ -386,7 +443,8 @@ def _scan_for_secrets(out: Path, secrets: Sequence[str]) -> None:
 def build(task: str, out: str | os.PathLike, *, username: str | None = None,
           force: bool = False, kernels_dir: str | os.PathLike = KERNELS_DIR,
           package_dir: str | os.PathLike = PACKAGE_DIR) -> Path:
-    """Copy kernels/<task>/ to `out` with the owner filled in and the package bundled."""
+    """Write kernels/<task>/ to `out` as Kaggle runs it: the metadata with the owner filled in
+    and the code file (kernels/runner.py with the task's settings, config and package)."""
     kernels_dir, package_dir, out = Path(kernels_dir), Path(package_dir), Path(out)
     source = kernels_dir / task
     if not (source / METADATA_FILE).is_file():
@@ -394,6 +452,14 @@ def build(task: str, out: str | os.PathLike, *, username: str | None = None,
                           f"{', '.join(available_tasks(kernels_dir))}")
     meta = with_username(load_metadata(source), resolve_username(username))
     validate_metadata(meta, source)
+    runner_path, config_path = kernels_dir / RUNNER_FILE, source / CONFIG_FILE
+    for path, what in ((runner_path, "the code every kernel runs"), (config_path, "run config")):
+        if not path.is_file():
+            raise KernelError(f"{path}: missing ({what})")
+    settings = read_settings(source / meta["code_file"])
+    config_text = config_path.read_text(encoding="utf-8")
+    check_config(config_text, settings.inputs, config_path,
+                 tpu=str(meta["enable_tpu"]).lower() == "true")
     if out.exists() and any(out.iterdir()):
         if not (force and (out / METADATA_FILE).is_file()):
             raise KernelError(f"{out}: exists and is not empty (--force replaces an earlier "
@@ -401,17 +467,10 @@ def build(task: str, out: str | os.PathLike, *, username: str | None = None,
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        code_path = source / meta["code_file"]
-        config_path = source / CONFIG_FILE
-        config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-        code_text = code_path.read_text(encoding="utf-8")
-        if config_text is not None:
-            check_config(config_text, kernel_inputs(code_text, code_path), config_path,
-                         tpu=str(meta["enable_tpu"]).lower() == "true")
-        code = embed(code_text, bundle_package(package_dir), config_text, code_path)
+        code = kernel_code(runner_path.read_text(encoding="utf-8"), task, settings, config_text,
+                           bundle_package(package_dir), runner_path)
         (out / meta["code_file"]).write_text(code, encoding="utf-8")
-        if config_text is not None:
-            (out / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        (out / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         for path in _package_files(package_dir):
             target = out / package_dir.name / path.relative_to(package_dir)
             target.parent.mkdir(parents=True, exist_ok=True)

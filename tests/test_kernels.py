@@ -172,20 +172,114 @@ def test_our_validation_also_requires_every_field(tmp_path):
         validate_metadata(meta, out)
 
 
-def test_task_kernels_share_the_template_runner():
-    def runner(task):
-        text = (REPO / "kernels" / task / "kernel.py").read_text(encoding="utf-8")
-        return text[text.index("# ---- runner"):]
+def _load_module(code_file: Path, name: str):
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location(name, code_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_built_code_is_the_shared_runner_with_the_task_filled_in(task, clean_home, tmp_path):
+    source = REPO / "kernels" / task
+    settings = kernels.read_settings(source / "kernel.py")
+    out = build(task, tmp_path / "k", username="alice")
+    code = (out / "kernel.py").read_text(encoding="utf-8")
+    runner = (REPO / "kernels" / "runner.py").read_text(encoding="utf-8")
+    # Every line outside the block the build fills is the runner's, unchanged.
+    head = runner[:runner.index("# ---- set by the build\n")]
+    tail = runner[runner.index("\nWHEELS_GLOB = "):]
+    first_line, _, body = code.split("\n", 2)  # two lines of header, then the runner
+    assert first_line.startswith(f"# Built by `python -m kaggle_pipeline.kernels build {task}`")
+    assert body.startswith(head) and body.endswith(tail)
+    filled = body[len(head):-len(tail)].splitlines()
+    assigned = [line.split(" = ")[0] for line in filled if re.match(r"[A-Z][A-Z0-9_]* = ", line)]
+    assert assigned == ["TASK", "SUBMISSION_FILE", "INPUTS", "CONFIG_TOML", "PACKAGE_ZIP_B64"]
+
+    kernel = _load_module(out / "kernel.py", f"built_{task.replace('-', '_')}")
+    assert kernel.TASK == task
+    assert kernel.SUBMISSION_FILE == settings.submission_file
+    assert kernel.INPUTS == settings.inputs and list(kernel.INPUTS) == list(settings.inputs)
+    assert kernel.CONFIG_TOML == (source / "config.toml").read_text(encoding="utf-8")
+
+
+def test_kernel_folders_hold_only_their_settings():
+    """What differs between kernels is two literals; the code they run is kernels/runner.py."""
+    expected = {"aihub-dialogue": ("submission.csv", ["train_file", "test_file", "model_dir"]),
+                "dolly-en-ko": ("submission.csv",
+                                ["train_en", "train_ko", "test_en", "test_ko", "model_dir"]),
+                "tarr-sentiment": ("submission.tsv", ["train_file", "test_file", "model_dir"]),
+                "template": ("submission.tsv", ["train_file", "test_file", "model_dir"])}
     for task in TASKS:
-        assert runner(task) == runner("template"), task
+        settings = kernels.read_settings(REPO / "kernels" / task / "kernel.py")
+        assert (settings.submission_file, list(settings.inputs)) == expected[task], task
+        assert sorted(p.name for p in (REPO / "kernels" / task).iterdir()
+                      if p.name != "__pycache__") == [
+            "config.toml", "kernel-metadata.json", "kernel.py"], task
+
+
+def test_the_runner_alone_is_no_kernel(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "kernels" / "runner.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "kernels/runner.py is no kernel by itself: build one with" in result.stderr
+
+
+SETTINGS = ('SUBMISSION_FILE = "submission.tsv"\n'
+            'INPUTS = {"train_file": "**/d/train.tsv", "test_file": "**/d/test.tsv",\n'
+            '          "model_dir": "**/gemma-2/flax/gemma2-2b-it/[0-9]*"}\n')
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (SETTINGS + "def main():\n    pass\n",
+         r"kernel.py: line 4: only SUBMISSION_FILE and INPUTS belong here; the code every kernel "
+         r"runs is runner.py"),
+        ('TASK = "template"\n' + SETTINGS, r"kernel.py: line 1: only SUBMISSION_FILE and INPUTS"),
+        ("import os\n" + SETTINGS, r"kernel.py: line 1: only SUBMISSION_FILE and INPUTS"),
+        (SETTINGS + 'SUBMISSION_FILE = "submission.csv"\n',
+         r"kernel.py: line 4: SUBMISSION_FILE is set twice"),
+        (SETTINGS.replace("INPUTS", "INPUT"), r"kernel.py: line 2: only SUBMISSION_FILE and"),
+        (SETTINGS.split("INPUTS")[0], r"kernel.py: INPUTS not set"),
+        (SETTINGS.replace('"submission.tsv"', '"out/submission.tsv"'),
+         r"kernel.py: line 1: SUBMISSION_FILE: 'out/submission.tsv' is not a file name"),
+        (SETTINGS.replace('"submission.tsv"', '"submission.parquet"'),
+         r"kernel.py: line 1: SUBMISSION_FILE: 'submission.parquet' does not end in one of"),
+        (SETTINGS.replace('"submission.tsv"', '"submission" + ".tsv"'),
+         r"kernel.py: line 1: SUBMISSION_FILE must be a literal"),
+        (SETTINGS.replace('"train_file"', '"train file"'),
+         r"kernel.py: line 2: INPUTS: 'train file' is not a placeholder name"),
+        (SETTINGS.replace('"train_file"', '"working_dir"'),
+         r"kernel.py: line 2: INPUTS: 'working_dir' is filled by every kernel already"),
+        (SETTINGS.replace('"**/d/train.tsv"', '""'),
+         r"kernel.py: line 2: INPUTS: must be a dict of placeholder name -> glob strings"),
+        (SETTINGS + "INPUTS = [\n", r"kernel.py: line 4: not Python"),
+    ],
+)
+def test_build_refuses_kernel_settings_that_are_not_just_settings(settings, message, clean_home,
+                                                                   tmp_path):
+    kernels_dir = tmp_path / "kernels"
+    shutil.copytree(REPO / "kernels" / "template", kernels_dir / "template")
+    shutil.copyfile(REPO / "kernels" / "runner.py", kernels_dir / "runner.py")
+    settings_file = kernels_dir / "template" / "kernel.py"
+    settings_file.write_text(SETTINGS)
+    out = build("template", tmp_path / "out", username="alice", kernels_dir=kernels_dir)
+    built = (out / "kernel.py").read_bytes()
+    settings_file.write_text(settings)
+    with pytest.raises(KernelError, match=message) as err:
+        build("template", out, username="alice", kernels_dir=kernels_dir, force=True)
+    assert str(err.value).startswith(str(settings_file))
+    assert (out / "kernel.py").read_bytes() == built  # a refused build leaves the earlier one
 
 
 def _rendered_config(task: str) -> tuple[str, dict[str, str]]:
     """The kernel's config with its placeholders filled as on Kaggle: each input a path under
     /kaggle/input shaped like its glob."""
     source = REPO / "kernels" / task
-    inputs = kernels.kernel_inputs((source / "kernel.py").read_text(), source / "kernel.py")
+    inputs = kernels.read_settings(source / "kernel.py").inputs
     values = {name: "/kaggle/input/" + glob.replace("**/", "").replace("[0-9]*", "1")
               for name, glob in inputs.items()}
     values |= {"input_root": "/kaggle/input", "working_dir": "/kaggle/working"}
@@ -219,8 +313,7 @@ def test_kernel_configs_follow_the_run_config_schema(task, tmp_path):
             assert str(path).startswith("/kaggle/input/") and path.suffix in (
                 ".tsv", ".json", ".jsonl"), (field, path)
     # The file the kernel copies its submission to has the competition's format.
-    code = (REPO / "kernels" / task / "kernel.py").read_text(encoding="utf-8")
-    submission = re.search(r'^SUBMISSION_FILE = "(.+)"$', code, re.MULTILINE).group(1)
+    submission = kernels.read_settings(REPO / "kernels" / task / "kernel.py").submission_file
     test = input_paths(spec, cfg.data.test)
     test = test[0] if isinstance(test, tuple) else test
     expected = ".tsv" if spec.kind == "classification" and test.suffix == ".tsv" else ".csv"
@@ -246,11 +339,24 @@ def test_kernel_configs_follow_the_run_config_schema(task, tmp_path):
 def test_build_refuses_a_config_train_would_refuse(edit, message, tmp_path):
     kernels_dir = tmp_path / "kernels"
     shutil.copytree(REPO / "kernels" / "template", kernels_dir / "template")
+    shutil.copyfile(REPO / "kernels" / "runner.py", kernels_dir / "runner.py")
     config = kernels_dir / "template" / "config.toml"
     old, new = edit
     assert old in config.read_text()
     config.write_text(config.read_text().replace(old, new, 1))
     with pytest.raises(KernelError, match=message):
+        build("template", tmp_path / "out", username="alice", kernels_dir=kernels_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_needs_the_runner_and_a_config(tmp_path):
+    kernels_dir = tmp_path / "kernels"
+    shutil.copytree(REPO / "kernels" / "template", kernels_dir / "template")
+    with pytest.raises(KernelError, match=r"kernels/runner.py: missing \(the code every kernel"):
+        build("template", tmp_path / "out", username="alice", kernels_dir=kernels_dir)
+    shutil.copyfile(REPO / "kernels" / "runner.py", kernels_dir / "runner.py")
+    (kernels_dir / "template" / "config.toml").unlink()
+    with pytest.raises(KernelError, match=r"template/config.toml: missing \(run config\)"):
         build("template", tmp_path / "out", username="alice", kernels_dir=kernels_dir)
     assert not (tmp_path / "out").exists()
 
@@ -527,15 +633,10 @@ def test_kernel_names_a_missing_input(clean_home, tmp_path):
             "'**/tarr-review-sentiment/train.tsv'") in result.stderr
 
 
-def test_kernel_refuses_a_stale_or_wrong_submission(tmp_path, monkeypatch):
+def test_kernel_refuses_a_stale_or_wrong_submission(clean_home, tmp_path):
     """The copy step takes only what this run wrote, in the competition's format."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tarr_kernel",
-                                                  REPO / "kernels" / "tarr-sentiment" /
-                                                  "kernel.py")
-    kernel = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel)
+    out = build("tarr-sentiment", tmp_path / "k", username="alice")
+    kernel = _load_module(out / "kernel.py", "tarr_kernel")
     folder = tmp_path / "submissions"
     folder.mkdir()
     old = folder / "tarr-sentiment-old.tsv"

@@ -774,6 +774,13 @@ def part_decode(runner: Runner, meta: dict, s: Settings, results: dict) -> None:
         if "error" not in r:
             r["tokens_per_s"] = len(prompts) * s.new_tokens / r["step_s"]
         out[name] = r
+        # Prefill alone: the same call with one new token is the prompt's forward pass plus
+        # a single sampled token.
+        log(f"prefill: {name}")
+        p = runner.run(f"decode-{name}", {**spec, "new_tokens": 1})
+        if "error" not in p:
+            p["tokens_per_s"] = sum(len(q) for q in prompts) / p["step_s"]
+        out[f"prefill-{name}"] = p
     if "tokens" in out["ours"] and "tokens" in out["hf"]:
         same = []
         for a, b in zip(out["ours"]["tokens"], out["hf"]["tokens"], strict=True):
@@ -897,6 +904,12 @@ def report(results: dict) -> str:
             speedup = decode["ours"]["tokens_per_s"] / decode["hf"]["tokens_per_s"]
             lines.append(f"   ours/hf tokens/s {speedup:.2f}x; identical greedy tokens before "
                          f"the first disagreement: {decode.get('same_greedy_prefix')}")
+        ours_p, hf_p = decode.get("prefill-ours", {}), decode.get("prefill-hf", {})
+        if "tokens_per_s" in ours_p and "tokens_per_s" in hf_p:
+            lines.append(f"   prefill (prompt forward + 1 token): ours {ours_p['step_s']:.2f} s "
+                         f"({ours_p['tokens_per_s']:.0f} prompt tok/s), hf {hf_p['step_s']:.2f} s "
+                         f"({hf_p['tokens_per_s']:.0f} prompt tok/s), ours/hf "
+                         f"{ours_p['tokens_per_s'] / hf_p['tokens_per_s']:.2f}x")
         lines.append("")
     load = results.get("load")
     if load:

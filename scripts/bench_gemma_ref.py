@@ -32,6 +32,10 @@ from gemma import gm, peft
 from gemma.gm.nn import _layers
 from gemma.gm.nn import _lora as gm_lora
 
+# bench.py sits beside this file and imports only the standard library and numpy at its top.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import reset_peak_rss, rss_mb  # noqa: E402
+
 ATTENTION_EINSUMS = ("q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum")
 
 
@@ -48,22 +52,6 @@ class AttentionLoRA(gm.nn.LoRA):
 
         with peft.ModuleInterceptor(replace):
             return self.model(*args, **kwargs)
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> bool:
-    """Linux resets VmHWM to the current RSS on writing 5 to clear_refs."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:

@@ -40,10 +40,12 @@ def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Ar
                             return_hidden=True, rngs=rngs)
     src = batch["loss_src"]
     picked = jnp.take_along_axis(hidden, src[..., None], axis=1)  # B M D
-    logits = model.apply(variables, picked, method=Transformer.unembed)  # B M V
-    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1)  # B M
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - logz
+    b, m, d = picked.shape
+    logits = model.apply(variables, picked.reshape(b * m, d),
+                         method=Transformer.unembed_vocab_major)  # V N
+    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1).reshape(1, b * m)
+    logz = jax.nn.logsumexp(logits, axis=0)
+    return (jnp.take_along_axis(logits, labels, axis=0)[0] - logz).reshape(b, m)
 
 
 def sequence_loss(model: Transformer, variables: dict, batch: dict[str, jax.Array],

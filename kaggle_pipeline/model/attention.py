@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from kaggle_pipeline.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model import kv_cache
-from kaggle_pipeline.model.layers import Einsum, RMSNorm, lora_delta
+from kaggle_pipeline.model.layers import Einsum, RMSNorm, project
 from kaggle_pipeline.model.rope import apply_rope
 
 # The official fill value for masked logits (finite, so fully-masked rows stay NaN-free).
@@ -35,22 +35,21 @@ class Attention(nn.Module):
             self._query_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
             self._key_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
 
-    def _lora(self, name, x, eqn_a, eqn_b):
-        return lora_delta(self, name, x, eqn_a, eqn_b, scale=self.lora_scale,
-                          dropout=self.lora_dropout, deterministic=self.deterministic)
+    def _adapted(self, name: str, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        return project(self, name, eqn, x.astype(self.dtype), w, scale=self.lora_scale,
+                       dropout=self.lora_dropout, deterministic=self.deterministic)
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # One matmul per projection, each with its own LoRA factors (PEFT's q/k/v_proj).
         if self.config.use_qkv_einsum:
-            q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)
-        else:
-            q = self.q_einsum("BTD,NDH->BTNH", x)
-            k, v = self.kv_einsum("BTD,SKDH->SBTKH", x)
-        # LoRA per projection (q, k, v), the shapes PEFT uses for q_proj/k_proj/v_proj.
-        adapted = []
-        for name, proj in (("q", q), ("k", k), ("v", v)):
-            delta = self._lora(name, x, "BTD,Dr->BTr", "BTr,rNH->BTNH")
-            adapted.append(proj if delta is None else proj + delta)
-        return tuple(adapted)
+            w = self.qkv_einsum.weight
+            return tuple(self._adapted(name, "BTD,NDH->BTNH", x, w[i])
+                         for i, name in enumerate(("q", "k", "v")))
+        q = self._adapted("q", "BTD,NDH->BTNH", x, self.q_einsum.weight)
+        kv = self.kv_einsum.weight
+        k = self._adapted("k", "BTD,KDH->BTKH", x, kv[0])
+        v = self._adapted("v", "BTD,KDH->BTKH", x, kv[1])
+        return q, k, v
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
@@ -88,15 +87,14 @@ class Attention(nn.Module):
         b, t, n, h = q.shape
         groups = n // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, h)
-        logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype)).astype(jnp.float32)
+        # Logits in the dot's natural order (batch B, K; then T, G; then S), so XLA needs no
+        # transposes around the two attention matmuls when there is one kv head.
+        logits = jnp.einsum("BTKGH,BSKH->BKTGS", q, k.astype(q.dtype)).astype(jnp.float32)
         if c.attn_logit_softcap is not None:
             logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
+        logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v.astype(self.dtype))
-        encoded = encoded.reshape(b, t, n, h)
-        out = self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
-        delta = self._lora("o", encoded, "BTNH,NHr->BTr", "BTr,rD->BTD")
-        if delta is not None:
-            out = out + delta
+        encoded = jnp.einsum("BKTGS,BSKH->BKTGH", probs, v.astype(self.dtype))
+        encoded = jnp.swapaxes(encoded, 1, 2).reshape(b, t, n, h)
+        out = self._adapted("o", "BTNH,NHD->BTD", encoded, self.attn_vec_einsum.weight)
         return out, new_cache

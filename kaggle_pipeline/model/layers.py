@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kaggle_pipeline.model import adapted_einsum
+
 # Collection that holds LoRA factors, kept apart from the frozen base `params`.
 LORA = "lora"
 
@@ -17,10 +19,12 @@ class Einsum(nn.Module):
     weight_name: str = "w"
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        # Created in setup so the owner can also read it (`.weight`) to adapt it with LoRA.
+        self.weight = self.param(self.weight_name, nn.initializers.normal(0.02), self.shape)
+
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        w = self.param(self.weight_name, nn.initializers.normal(0.02), self.shape)
-        return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        return jnp.einsum(eqn, x.astype(self.dtype), self.weight.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -39,19 +43,22 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
 
 
-def lora_delta(module: nn.Module, name: str, x: jax.Array, eqn_a: str, eqn_b: str, *,
-               scale: float, dropout: float, deterministic: bool) -> jax.Array | None:
-    """scale * B(A(dropout(x))) if the module holds LoRA factors `name`, else None.
+def project(module: nn.Module, name: str, eqn: str, x: jax.Array, w: jax.Array, *,
+            scale: float, dropout: float, deterministic: bool) -> jax.Array:
+    """einsum(eqn, x, w), plus scale * B(A(dropout(x))) if the module holds LoRA factors `name`.
 
     The factors live in the `lora` collection as {name: {"a": ..., "b": ...}}; their presence,
-    not a flag, decides whether the projection is adapted.
+    not a flag, decides whether the projection is adapted. x is already in the compute dtype.
     """
     if not module.has_variable(LORA, name):
-        return None
+        return jnp.einsum(eqn, x, w.astype(x.dtype))
     factors = module.get_variable(LORA, name)
+    a, b = factors["a"], factors["b"]
     if dropout > 0.0 and not deterministic:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout), 0.0)
-    dtype = x.dtype
-    low = jnp.einsum(eqn_a, x, factors["a"].astype(dtype))
-    return scale * jnp.einsum(eqn_b, low, factors["b"].astype(dtype))
+        dropped = jnp.where(keep, x / (1.0 - dropout), 0.0)
+        return jnp.einsum(eqn, x, w.astype(x.dtype)) + adapted_einsum.lora_update(
+            eqn, dropped, a, b, scale)
+    if x.dtype == jnp.float32:
+        return adapted_einsum.merged(eqn, x, w, a, b, scale)
+    return adapted_einsum.separate(eqn, x, w, a, b, scale)

@@ -102,21 +102,37 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
     return packed, stats
 
 
+def batch_order(num_rows: int, batch_size: int, *, seed: int, epoch: int,
+                shuffle: bool = True, drop_last: bool = False) -> list[np.ndarray]:
+    """Row indices of each batch of an epoch: a deterministic order per (seed, epoch)."""
+    order = np.arange(num_rows)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    groups = [order[start:start + batch_size] for start in range(0, num_rows, batch_size)]
+    if drop_last and groups and len(groups[-1]) < batch_size:
+        groups.pop()
+    return groups
+
+
 def batches(rows: list[Batch], batch_size: int, *, seed: int, epoch: int,
             shuffle: bool = True, drop_last: bool = False) -> Iterator[Batch]:
-    """Deterministic order per (seed, epoch); the last partial batch is padded with empty rows."""
-    order = np.arange(len(rows))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-    for start in range(0, len(order), batch_size):
-        chosen = [rows[i] for i in order[start:start + batch_size]]
+    """The batches of `batch_order`; the last partial batch is padded with empty rows."""
+    for indices in batch_order(len(rows), batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                               drop_last=drop_last):
+        chosen = [rows[i] for i in indices]
         if len(chosen) < batch_size:
-            if drop_last:
-                return
             empty = {k: np.zeros_like(v) for k, v in chosen[0].items()}
             empty["example_index"] = np.full_like(chosen[0]["example_index"], -1)
             chosen += [empty] * (batch_size - len(chosen))
         yield {k: np.stack([r[k] for r in chosen]) for k in chosen[0]}
+
+
+def target_tokens_per_batch(rows: list[Batch], batch_size: int, *, seed: int,
+                            epoch: int) -> list[int]:
+    """How many target tokens each batch of the epoch holds, without building the batches."""
+    per_row = np.array([int(r["targets"].sum()) for r in rows])
+    return [int(per_row[i].sum()) for i in batch_order(len(rows), batch_size, seed=seed,
+                                                       epoch=epoch)]
 
 
 def num_batches(num_rows: int, batch_size: int, drop_last: bool = False) -> int:

@@ -27,7 +27,7 @@ from kaggle_pipeline.lora import LoraConfig, count_params, init_lora
 from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.optim import make_optimizer
-from kaggle_pipeline.packing import batches, num_batches, pack
+from kaggle_pipeline.packing import batches, num_batches, pack, target_tokens_per_batch
 from kaggle_pipeline.predict import (
     classify,
     input_paths,
@@ -166,6 +166,10 @@ def run(cfg: RunConfig) -> dict:
     # max_steps and resumed with a larger one takes exactly the steps of an unbroken run.
     total_steps = min(planned_steps, cfg.train.max_steps or planned_steps)
     updates = max(1, math.ceil(planned_steps / cfg.optim.accumulate_steps))
+    if planned_steps % cfg.optim.accumulate_steps:
+        log(f"warning: optim.accumulate_steps={cfg.optim.accumulate_steps} does not divide the "
+            f"{planned_steps} micro-batches; the last {planned_steps % cfg.optim.accumulate_steps}"
+            " make no update")
 
     full = not cfg.lora.enabled
     lcfg = lora_config(cfg)
@@ -175,7 +179,11 @@ def run(cfg: RunConfig) -> dict:
     from kaggle_pipeline.train_step import Trainer
 
     trainer = Trainer(model, make_optimizer(cfg.optim, updates), mesh,
-                      "full" if full else "lora", seed=cfg.train.seed)
+                      "full" if full else "lora", seed=cfg.train.seed,
+                      accumulate_steps=cfg.optim.accumulate_steps)
+    tokens_of_update = update_token_counts(rows, cfg.data.batch_size, seed=cfg.train.seed,
+                                           epochs=cfg.train.epochs,
+                                           accumulate_steps=cfg.optim.accumulate_steps)
     trainable = params if full else init_lora(config, lcfg, jax.random.key(cfg.train.seed))
     frozen = {} if full else jax.device_put(params, trainer.frozen_shardings(params))
     state = trainer.init_state(trainable)
@@ -217,8 +225,9 @@ def run(cfg: RunConfig) -> dict:
                     if step >= total_steps:
                         break
                     real = int((batch["segment_ids"] > 0).sum())
-                    state, m = step_fn(state, frozen,
-                                       trainer.put_batch(add_target_slots(batch, width)))
+                    device_batch = trainer.put_batch(add_target_slots(batch, width),
+                                                     update_tokens=tokens_of_update[step])
+                    state, m = step_fn(state, frozen, device_batch)
                     loss = float(m["loss"])
                     step += 1
                     if not math.isfinite(loss):
@@ -274,6 +283,15 @@ def run(cfg: RunConfig) -> dict:
     summary["total_seconds"] = round(time.time() - started, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
+
+
+def update_token_counts(rows: list[dict], batch_size: int, *, seed: int, epochs: int,
+                        accumulate_steps: int) -> list[int]:
+    """Per micro-step: the target tokens of every micro-batch of its optimizer update."""
+    per_step = [n for epoch in range(epochs)
+                for n in target_tokens_per_batch(rows, batch_size, seed=seed, epoch=epoch)]
+    k = accumulate_steps
+    return [sum(per_step[s - s % k: s - s % k + k]) for s in range(len(per_step))]
 
 
 def evaluate_and_submit(cfg, spec, config, variables, tokenizer, valid_examples) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -20,6 +21,8 @@ from kaggle_pipeline.loss import sequence_loss
 from kaggle_pipeline.model import Transformer
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
+# Set by `put_batch`: per row (all equal), what the summed token loss is multiplied by.
+STEP_KEYS = BATCH_KEYS + ("loss_scale",)
 
 
 @dataclasses.dataclass
@@ -31,6 +34,7 @@ class Trainer:
     mesh: Mesh
     mode: str  # "lora" | "full"
     seed: int = 0
+    accumulate_steps: int = 1  # micro-batches per update: the optimizer's, said again here
 
     def variables(self, trainable: dict, frozen: dict) -> dict:
         if self.mode == "lora":
@@ -70,10 +74,11 @@ class Trainer:
 
             def loss_fn(trainable):
                 total, count = sequence_loss(model, self.variables(trainable, frozen), batch, rngs)
-                return total / jnp.maximum(count, 1), (total, count)
+                return total * batch["loss_scale"][0], (total, count)
 
-            (loss, (total, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            (_, (total, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state["trainable"])
+            loss = total / jnp.maximum(count, 1)
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
             trainable = optax.apply_updates(state["trainable"], updates)
             metrics = {"loss": loss, "loss_sum": total, "target_tokens": count,
@@ -83,11 +88,24 @@ class Trainer:
 
         state_sh = self.state_shardings(state)
         frozen_sh = self.frozen_shardings(frozen)
-        batch_sh = {k: shd.batch_sharding(self.mesh) for k in BATCH_KEYS}
+        batch_sh = {k: shd.batch_sharding(self.mesh) for k in STEP_KEYS}
         return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, shd.replicated(self.mesh)),
                        donate_argnums=(0,))
 
-    def put_batch(self, batch: dict) -> dict:
-        return shd.global_batch_to_arrays({k: batch[k] for k in BATCH_KEYS},
-                                         shd.batch_sharding(self.mesh))
+    def put_batch(self, batch: dict, update_tokens: int | None = None) -> dict:
+        """The global batch as sharded arrays. `update_tokens`: the target tokens of all the
+        micro-batches of this batch's update together (default: this batch's own times
+        accumulate_steps).
+
+        With it, each micro-batch's gradient is its summed token loss times
+        accumulate_steps / update_tokens, and the optimizer's mean over the micro-batches is
+        the per-token mean of the whole update: long and short micro-batches weigh by their
+        tokens, as one large batch would, not one mean per micro-batch.
+        """
+        if update_tokens is None:  # as if every micro-batch of the update held as many
+            update_tokens = int(np.sum(batch["loss_valid"])) * self.accumulate_steps
+        scale = self.accumulate_steps / max(update_tokens, 1)
+        arrays = {k: batch[k] for k in BATCH_KEYS}
+        arrays["loss_scale"] = np.full(batch["tokens"].shape[:1], scale, np.float32)
+        return shd.global_batch_to_arrays(arrays, shd.batch_sharding(self.mesh))

@@ -9,7 +9,14 @@ import pytest
 from kaggle_pipeline.config import tiny_config
 from kaggle_pipeline.loss import add_target_slots, max_targets_per_row, sequence_loss
 from kaggle_pipeline.model import Transformer, abstract_params
-from kaggle_pipeline.packing import batches, bucket_by_length, num_batches, pack
+from kaggle_pipeline.packing import (
+    batches,
+    bucket_by_length,
+    num_batches,
+    pack,
+    target_tokens_per_batch,
+)
+from kaggle_pipeline.train import update_token_counts
 
 
 def _example(ids, prompt_len: int):
@@ -151,3 +158,21 @@ def test_length_buckets_group_similar_lengths_longest_first():
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     spans = [[lengths[i] for i in g] for g in groups]
     assert spans == [[40, 33, 20], [12, 12, 7], [5, 1]]
+
+
+def test_target_token_counts_match_the_batches_and_group_by_update():
+    rng = np.random.default_rng(0)
+    rows = [{"tokens": np.full(6, i + 1, np.int32), "positions": np.arange(6, dtype=np.int32),
+             "segment_ids": np.ones(6, np.int32), "targets": rng.random(6) < 0.5,
+             "example_index": np.full(6, i, np.int32)}
+            for i in range(7)]
+    for epoch in range(2):
+        built = [int(b["targets"].sum()) for b in batches(rows, 2, seed=1, epoch=epoch)]
+        assert target_tokens_per_batch(rows, 2, seed=1, epoch=epoch) == built
+    per_step = [n for e in range(2) for n in target_tokens_per_batch(rows, 2, seed=1, epoch=e)]
+    assert len(per_step) == 8
+    groups = update_token_counts(rows, 2, seed=1, epochs=2, accumulate_steps=3)
+    # Updates take micro-steps 0-2, 3-5 (across the epoch boundary) and the partial 6-7.
+    want = [sum(per_step[0:3])] * 3 + [sum(per_step[3:6])] * 3 + [sum(per_step[6:8])] * 2
+    assert groups == want
+    assert update_token_counts(rows, 2, seed=1, epochs=2, accumulate_steps=1) == per_step

@@ -32,7 +32,7 @@ PARAMS = _random(abstract_params(CONFIG), 0, 0.2)
 TRAINED_LORA = _random(jax.eval_shape(lambda: init_lora(CONFIG, LORA, jax.random.key(0))), 1, 0.2)
 
 
-def _batch(seed: int = 0) -> dict:
+def _rows(seed: int = 0) -> list[dict]:
     """Three packed rows and an empty padding row, as the last batch of an epoch has."""
     rng = np.random.default_rng(seed)
     examples = []
@@ -40,9 +40,16 @@ def _batch(seed: int = 0) -> dict:
         n = int(rng.integers(4, 16))
         examples.append((rng.integers(1, CONFIG.vocab_size, n), np.arange(n) >= n // 2))
     rows, _ = pack(examples, 24)
-    rows = rows[:3] + [{k: np.zeros_like(v) for k, v in rows[0].items()}]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    return add_target_slots(batch, max_targets_per_row(rows))
+    return rows[:3] + [{k: np.zeros_like(v) for k, v in rows[0].items()}]
+
+
+def _stack(rows: list[dict], width: int) -> dict:
+    return add_target_slots({k: np.stack([r[k] for r in rows]) for k in rows[0]}, width)
+
+
+def _batch(seed: int = 0) -> dict:
+    rows = _rows(seed)
+    return _stack(rows, max_targets_per_row(rows))
 
 
 OPTIMIZERS = {
@@ -51,7 +58,9 @@ OPTIMIZERS = {
     "adam": make_optimizer(OptimConfig(learning_rate=LR, schedule="constant"), 10),
     "adam/2": make_optimizer(OptimConfig(learning_rate=LR, schedule="constant",
                                          accumulate_steps=2), 10),
+    "sgd/2": optax.MultiSteps(optax.sgd(LR), every_k_schedule=2),
 }
+ACCUMULATE = {"adam/2": 2, "sgd/2": 2}
 
 
 @functools.cache
@@ -61,17 +70,18 @@ def _trainer(optimizer: str, seed: int = 0, dropout: float = 0.0,
     model = Transformer(CONFIG, lora_scale=LORA.scale, lora_dropout=dropout,
                         deterministic=dropout == 0.0, remat=remat)
     trainer = Trainer(model, OPTIMIZERS[optimizer], make_mesh(devices=jax.devices()[:1]),
-                      "lora", seed=seed)
+                      "lora", seed=seed, accumulate_steps=ACCUMULATE.get(optimizer, 1))
     return trainer, trainer.compile_step(trainer.init_state(TRAINED_LORA), PARAMS)
 
 
-def _run(trainer_and_step, batches):
+def _run(trainer_and_step, batches, update_tokens=None):
     """(per-step metrics, final LoRA factors) after one step per batch from TRAINED_LORA."""
     trainer, step = trainer_and_step
     state = trainer.init_state(TRAINED_LORA)
     metrics = []
-    for batch in batches:
-        state, m = step(state, PARAMS, trainer.put_batch(batch))
+    for i, batch in enumerate(batches):
+        tokens = None if update_tokens is None else update_tokens[i]
+        state, m = step(state, PARAMS, trainer.put_batch(batch, update_tokens=tokens))
         metrics.append(jax.device_get(m))
     assert int(state["step"]) == len(batches)
     return metrics, jax.device_get(state["trainable"])
@@ -147,3 +157,19 @@ def test_accumulated_micro_batches_make_one_update():
     assert _max_diff(first_micro, TRAINED_LORA) == 0.0  # no update before the 2nd micro-batch
     assert _max_diff(two_micro, one_step) <= 1e-6  # the mean of two equal gradients
     assert _max_diff(one_step, TRAINED_LORA) > 1e-2
+
+
+def test_accumulation_weighs_micro_batches_by_their_target_tokens():
+    """Two micro-batches with different numbers of target tokens make the update one batch
+    of all their rows makes (plain SGD, so the gradient's scale shows in the result)."""
+    first, second = _rows(0), _rows(3)
+    width = max_targets_per_row(first + second)
+    counts = [sum(int(r["targets"].sum()) for r in rows) for rows in (first, second)]
+    assert counts[0] != counts[1]
+    _, one_batch = _run(_trainer("sgd"), [_stack(first + second, width)])
+    micro = [_stack(first, width), _stack(second, width)]
+    _, accumulated = _run(_trainer("sgd/2"), micro, update_tokens=[sum(counts)] * 2)
+    assert _max_diff(accumulated, one_batch) <= 1e-6
+    # Control: one mean per micro-batch (what optax.MultiSteps alone averages) differs.
+    _, per_micro_mean = _run(_trainer("sgd/2"), micro)
+    assert _max_diff(per_micro_mean, one_batch) > 1e-4

@@ -87,14 +87,12 @@ class Attention(nn.Module):
         b, t, n, h = q.shape
         groups = n // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, h)
-        # Logits in the dot's natural order (batch B, K; then T, G; then S), so XLA needs no
-        # transposes around the two attention matmuls when there is one kv head.
-        logits = jnp.einsum("BTKGH,BSKH->BKTGS", q, k.astype(q.dtype)).astype(jnp.float32)
+        logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype)).astype(jnp.float32)
         if c.attn_logit_softcap is not None:
             logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
+        logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        encoded = jnp.einsum("BKTGS,BSKH->BKTGH", probs, v.astype(self.dtype))
-        encoded = jnp.swapaxes(encoded, 1, 2).reshape(b, t, n, h)
+        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v.astype(self.dtype))
+        encoded = encoded.reshape(b, t, n, h)
         out = self._adapted("o", "BTNH,NHD->BTD", encoded, self.attn_vec_einsum.weight)
         return out, new_cache

@@ -125,28 +125,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host: join the other processes when the environment says there are any."""
-    wants = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
-    wants = wants or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-    if wants and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Multi-host: join the other processes when the environment says there are any.
 
-
-def process_rows(global_rows: int) -> slice:
-    """This process's contiguous block of a global batch (every process builds the same global
-    order from the seed, then feeds only its own rows)."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_rows % count:
-        raise ValueError(f"batch of {global_rows} rows does not split over {count} processes")
-    per = global_rows // count
-    return slice(index * per, (index + 1) * per)
+    Anywhere: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID. Under SLURM or Open MPI with several tasks jax reads its own variables.
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS")
+    counts = [os.environ.get(k) for k in ("JAX_NUM_PROCESSES", "SLURM_NTASKS",
+                                          "OMPI_COMM_WORLD_SIZE")]
+    if not (address or any(c and int(c) > 1 for c in counts)):
+        return
+    if jax.distributed.is_initialized():
+        return
+    # jax itself reads only the address from the environment.
+    given = {"coordinator_address": address,
+             "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
+             "process_id": os.environ.get("JAX_PROCESS_ID")}
+    jax.distributed.initialize(**{k: v if k == "coordinator_address" else int(v)
+                                  for k, v in given.items() if v})
 
 
 def global_batch_to_arrays(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Sharded global arrays from a host batch; with several processes each contributes only
-    its own rows (jax.make_array_from_process_local_data)."""
+    """Sharded global arrays from a host batch that every process builds alike (the same global
+    order from the seed). Each process copies only the shards its own devices hold: its rows
+    when the batch axis spans the processes, the whole batch when it does not (a mesh whose
+    data axis stays within one host)."""
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    rows = process_rows(next(iter(batch.values())).shape[0])
-    return {k: jax.make_array_from_process_local_data(sharding, v[rows])
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
             for k, v in batch.items()}

@@ -26,11 +26,11 @@ class Attention(nn.Module):
     def setup(self):
         c = self.config
         if c.use_qkv_einsum:
-            self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
+            self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim))
         else:
-            self.q_einsum = Einsum((c.num_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
-            self.kv_einsum = Einsum((2, c.num_kv_heads, c.embed_dim, c.head_dim), dtype=self.dtype)
-        self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.embed_dim), dtype=self.dtype)
+            self.q_einsum = Einsum((c.num_heads, c.embed_dim, c.head_dim))
+            self.kv_einsum = Einsum((2, c.num_kv_heads, c.embed_dim, c.head_dim))
+        self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.embed_dim))
         if c.use_qk_norm:
             self._query_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
             self._key_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)

@@ -1,4 +1,4 @@
-"""Small building blocks: weights with named einsums, RMSNorm, LoRA deltas."""
+"""Small building blocks: named projection weights, RMSNorm, projections with their LoRA update."""
 
 from __future__ import annotations
 
@@ -13,18 +13,14 @@ LORA = "lora"
 
 
 class Einsum(nn.Module):
-    """A weight applied by an einsum; stored in its param dtype, used in the compute dtype."""
+    """A projection weight under its own scope (`q_einsum/w`), as the official layout nests it.
+    The owner applies it, with its LoRA update, through `project`."""
 
     shape: tuple[int, ...]
     weight_name: str = "w"
-    dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        # Created in setup so the owner can also read it (`.weight`) to adapt it with LoRA.
         self.weight = self.param(self.weight_name, nn.initializers.normal(0.02), self.shape)
-
-    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        return jnp.einsum(eqn, x.astype(self.dtype), self.weight.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):

@@ -22,29 +22,14 @@ SCRIPT = textwrap.dedent("""
     from jax.experimental import multihost_utils
     from kaggle_pipeline import sharding
     from kaggle_pipeline.checkpoints.common import flatten
-    from kaggle_pipeline.config import tiny_config
-    from kaggle_pipeline.lora import LoraConfig, init_lora
-    from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
-    from kaggle_pipeline.model import Transformer, abstract_params
+    from kaggle_pipeline.model import Transformer
     from kaggle_pipeline.optim import OptimConfig, make_optimizer
-    from kaggle_pipeline.packing import batches, pack
     from kaggle_pipeline.train_step import Trainer
+    from tiny_lora_case import tiny_lora_case
 
     shape, out = json.loads(sys.argv[1]), sys.argv[2]
     sharding.maybe_initialize_distributed()
-    config = tiny_config("gemma2", num_layers=2, sliding_window=4, num_heads=8, num_kv_heads=4)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
-                          abstract_params(config))
-    lora_config = LoraConfig(rank=4, alpha=8.0)
-    lora = jax.device_get(init_lora(config, lora_config, jax.random.key(1)))
-    examples = []
-    for _ in range(48):
-        n = int(rng.integers(5, 20))
-        examples.append((rng.integers(1, config.vocab_size, n), np.arange(n) >= n // 2))
-    rows, _ = pack(examples, 32)
-    width = max_targets_per_row(rows)
-    steps = [add_target_slots(b, width) for b in batches(rows, 8, seed=0, epoch=0)][:3]
+    config, params, lora_config, lora, steps = tiny_lora_case()
 
     mesh = sharding.make_mesh(*shape)
     trainer = Trainer(Transformer(config, lora_scale=lora_config.scale),
@@ -73,7 +58,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int, extra: dict | None = None) -> dict:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"),
+                                       os.environ.get("PYTHONPATH")) if p)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
     return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, **(extra or {})}

@@ -138,11 +138,11 @@ def maybe_initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     # jax itself reads only the address from the environment.
-    given = {"coordinator_address": address,
-             "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
-             "process_id": os.environ.get("JAX_PROCESS_ID")}
-    jax.distributed.initialize(**{k: v if k == "coordinator_address" else int(v)
-                                  for k, v in given.items() if v})
+    given = {"coordinator_address": address} if address else {}
+    for arg, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(name):
+            given[arg] = int(os.environ[name])
+    jax.distributed.initialize(**given)
 
 
 def global_batch_to_arrays(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

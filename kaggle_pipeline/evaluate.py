@@ -27,32 +27,25 @@ by default a folder `<predictions stem>-report/` beside the predictions.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kaggle_pipeline import metrics
-from kaggle_pipeline.report import write_report
-from kaggle_pipeline.tasks import TASK_NAMES
+from kaggle_pipeline import run_setup
+from kaggle_pipeline.cli import log, run_command
+from kaggle_pipeline.data.tasks import TASK_NAMES
+from kaggle_pipeline.errors import UserError
+from kaggle_pipeline.evaluation import validation
+from kaggle_pipeline.evaluation.report import write_report
+from kaggle_pipeline.evaluation.validation import Evaluation
 
 KINDS = ("classification", "generation")
 MAX_CLASSES = 20  # more distinct references than this is not a label set
 ID_COLUMN = "id"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """Predictions and references that cannot be scored together; names file, row and field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    kind: str
-    metrics: dict  # name -> value, the report's table
-    headline: dict[str, float]  # 0-1 scores for the per-task plot
-    confusion: list[list[int]] | None = None
-    labels: list[str] | None = None  # confusion axes, as shown
 
 
 # ----------------------------------------------------------------------------- reading
@@ -120,10 +113,9 @@ def read_references(path: Path, column: str) -> dict[str, str]:
 
 def task_references(spec, path: str | os.PathLike) -> dict[str, str]:
     """id -> label (classification) or answer (generation), read with the task's reader."""
-    from kaggle_pipeline.predict import input_paths
-    from kaggle_pipeline.tasks import build_examples, load_records
+    from kaggle_pipeline.data.tasks import build_examples, load_records
 
-    table = load_records(spec, input_paths(spec, str(path), "--references"))
+    table = load_records(spec, run_setup.input_paths(spec, str(path), "--references"))
     examples = build_examples(spec, table.frame)
     values = [e.label if spec.kind == "classification" else e.answer for e in examples]
     return _keyed(Path(str(path).split(",")[0]), [e.id for e in examples], values,
@@ -172,33 +164,16 @@ def score_classification(predictions: Sequence[str], references: Sequence[str],
     outside = sorted({p for p in predictions if p not in labels})
     if outside:
         raise EvaluationError(f"predictions {outside} are not labels of the task ({labels})")
-    per_class = metrics.per_class_f1(references, predictions, labels=labels)
     names = [str(n) for n in (names or labels)]
-    values = {"n": len(references),
-              "accuracy": metrics.accuracy(references, predictions),
-              "macro_f1": metrics.macro_f1(references, predictions, labels=labels)}
-    values.update({f"f1[{name}]": per_class[label]
-                   for label, name in zip(labels, names, strict=True)})
-    confusion = metrics.confusion_matrix(references, predictions, labels=labels)
-    return Evaluation("classification", values,
-                      {"accuracy": values["accuracy"], "macro_f1": values["macro_f1"]},
-                      confusion.tolist(), names)
+    values = validation.classification_metrics(references, predictions, labels, names)
+    return validation.classification_evaluation(values, names)
 
 
 def score_generation(predictions: Sequence[str], references: Sequence[str],
                      spec=None) -> Evaluation:
-    from kaggle_pipeline.predict import generation_metrics
-
-    return generation_evaluation(generation_metrics(predictions, references, spec))
-
-
-def generation_evaluation(values: dict) -> Evaluation:
-    """The report of predict.generation_metrics' values; the plot's scores all on 0-1."""
-    values = {k: v for k, v in values.items() if k != "predictions_file"}
-    headline = {"BLEU/100": values["bleu"] / 100, "chrF/100": values["chrf"] / 100,
-                "ROUGE-L": values["rougeL"], "ROUGE-L (char)": values["rougeL_char"],
-                "language mismatch": values["mismatch_rate"]}
-    return Evaluation("generation", values, headline)
+    values = validation.generation_metrics(predictions, references,
+                                           spec.target_lang if spec is not None else None)
+    return validation.generation_evaluation(values)
 
 
 def score(kind: str, predictions: Sequence[str], references: Sequence[str], spec=None
@@ -235,14 +210,14 @@ def evaluate_files(predictions: str | os.PathLike, references: str | None = None
                    run_dir: str | os.PathLike | None = None,
                    out: str | os.PathLike | None = None) -> Path:
     """Score a predictions file against references and write the report; returns its path."""
-    from kaggle_pipeline.tasks import get_task
+    from kaggle_pipeline.data.tasks import get_task
 
     predictions = Path(predictions)
     spec = get_task(task) if task else None
     columns = _read_text_table(predictions, "predictions").columns
     column = None
     if spec is not None:
-        from kaggle_pipeline.predict import answer_column
+        from kaggle_pipeline.submission import answer_column
 
         column = answer_column(spec) if answer_column(spec) in columns else None
     predicted, column = read_predictions(predictions, column)
@@ -267,44 +242,32 @@ def evaluate_files(predictions: str | os.PathLike, references: str | None = None
 
 def validation_examples(cfg, spec) -> list:
     """The run's validation split, exactly as training drew it."""
-    from kaggle_pipeline.predict import input_paths
-    from kaggle_pipeline.tasks import build_examples, load_records, train_validation_split
+    from kaggle_pipeline.train import read_examples
 
-    table = load_records(spec, input_paths(spec, cfg.data.train, "data.train"),
-                         on_bad_row=cfg.data.on_bad_row)
-    _, valid = train_validation_split(table.frame,
-                                      validation_fraction=cfg.data.validation_fraction,
-                                      seed=cfg.train.seed, stratify_by=spec.stratify_column)
-    if len(valid) == 0:
+    _, valid = read_examples(cfg, spec)
+    if not valid:
         raise EvaluationError(f"{cfg.data.train}: the validation split is empty "
                               f"(data.validation_fraction = {cfg.data.validation_fraction})")
-    return build_examples(spec, valid)
+    return valid
 
 
 def evaluate_run(cfg, out: str | os.PathLike | None = None) -> Path:
     """Predict a finished run's validation split and write the report (with its loss curve)."""
     from kaggle_pipeline import predict
 
-    spec = predict.task_spec(cfg)
+    spec = run_setup.task_spec(cfg)
     examples = validation_examples(cfg, spec)
-    model, variables, tokenizer = predict.load_trained(cfg)
+    model, variables, tokenizer = run_setup.load_trained(cfg)
     if spec.kind == "classification":
-        labels = list(spec.label_map)
-        predict.log(f"scoring {len(examples)} validation examples")
-        scores = predict.classify(model, variables, tokenizer, spec, examples, cfg)
+        log(f"scoring {len(examples)} validation examples")
+        result, decided = predict.validate_classification(model, variables, tokenizer, spec,
+                                                          examples, cfg)
         truth = [e.label for e in examples]
-        calibrated = predict.validate_classification(scores, truth, labels)
-        decided = predict.decide(scores, labels, calibrated["threshold"])
-        predict.write_table(cfg.run_dir / predict.VALIDATION_FILE, {
+        validation.write_table(cfg.run_dir / validation.VALIDATION_FILE, {
             "id": [e.id for e in examples], "prediction": decided, "reference": truth})
-        evaluation = score("classification", [str(d) for d in decided],
-                           [str(t) for t in truth], spec)
-        extra = {k: v for k, v in calibrated.items()
-                 if k in ("threshold", "raw_accuracy", "raw_macro_f1", "accuracy_cross_fitted",
-                          "auc")}
-        evaluation = dataclasses.replace(evaluation, metrics={**evaluation.metrics, **extra})
+        evaluation = validation.classification_evaluation(result, list(spec.label_map.values()))
     else:
-        evaluation = generation_evaluation(predict.validate_generation(
+        evaluation = validation.generation_evaluation(predict.validate_generation(
             model, variables, tokenizer, spec, examples, cfg))
     out = Path(out) if out else cfg.run_dir / "evaluation"
     title = f"{spec.name}: {cfg.output.name} (validation, {evaluation.metrics['n']} examples)"
@@ -331,24 +294,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --predictions or --config")
     if args.overrides and args.config is None:
         parser.error("section.key=value overrides go with --config")
-    from kaggle_pipeline.predict import TrainedModelMissing
-    from kaggle_pipeline.records import DataError
-    from kaggle_pipeline.run_config import ConfigError, load_config
-    from kaggle_pipeline.tasks import TemplateError
+    from kaggle_pipeline.run_config import load_config
 
-    try:
+    def body() -> None:
         if args.config is not None:
             report = evaluate_run(load_config(args.config, args.overrides), args.out)
         else:
             report = evaluate_files(args.predictions, args.references, task=args.task,
                                     kind=args.kind, run_dir=args.run, out=args.out)
-    # Bad input, each message naming the file, row and field: no traceback.
-    except (EvaluationError, TrainedModelMissing, DataError, ConfigError, TemplateError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report}")
-    return 0
+        print(f"report: {report}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -37,6 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kaggle_pipeline.cli import run_command
+from kaggle_pipeline.errors import UserError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = PACKAGE_DIR.parent / "kernels"
 METADATA_FILE = "kernel-metadata.json"
@@ -67,11 +70,11 @@ _BUNDLED_SUFFIXES = (".py",)
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed, so the same source gives the same bundle
 
 
-class KernelError(ValueError):
+class KernelError(UserError):
     """A kernel folder or metadata file that the kaggle CLI would refuse."""
 
 
-class CredentialsMissing(RuntimeError):
+class CredentialsMissing(UserError):
     """The kaggle CLI would find no credentials."""
 
 
@@ -334,8 +337,8 @@ def check_config(config_text: str, inputs: Mapping[str, str], config_path: Path,
     """The run config the kernel will train with, its placeholders filled with stand-in paths;
     KernelError naming the file and the key when train would refuse it or TPU settings are
     off. Returns the RunConfig."""
-    from kaggle_pipeline.predict import task_spec
     from kaggle_pipeline.run_config import load_config
+    from kaggle_pipeline.run_setup import task_spec
 
     known = {*BUILTIN_PLACEHOLDERS, *inputs}
     used = set()
@@ -530,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     push_cmd = commands.add_parser("push", help="kaggle kernels push -p <dir>")
     push_cmd.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.command == "build":
             out = build(args.task, args.out, username=args.username, force=args.force,
                         kernels_dir=args.kernels_dir)
@@ -539,10 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{out}")
             return 0
         return push(args.dir)
-    except (KernelError, CredentialsMissing) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -11,12 +11,14 @@ import tomllib
 import typing
 from pathlib import Path
 
-from kaggle_pipeline.optim import OptimConfig
+from kaggle_pipeline.errors import UserError
+from kaggle_pipeline.model.lora import LoraConfig
+from kaggle_pipeline.training.optimizer import OptimConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be used; the message names the file or the key."""
 
 
@@ -48,15 +50,6 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSection:
-    enabled: bool = True  # false: full fine-tuning of every parameter
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o")
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainSection:
     epochs: int = 3
     seed: int = 0
@@ -80,7 +73,7 @@ class OutputSection:
 class RunConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    lora: LoraSection = LoraSection()
+    lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10,
                                      weight_decay=0.0, clip_norm=1.0)
     train: TrainSection = TrainSection()
@@ -134,7 +127,11 @@ def _section(cls, values: dict, name: str):
     if unknown:
         raise ConfigError(f"config section [{name}]: unknown key(s) {sorted(unknown)}; "
                           f"known: {sorted(fields)}")
-    return cls(**{k: _coerce(v, fields[k].type, f"{name}.{k}") for k, v in values.items()})
+    values = {k: _coerce(v, fields[k].type, f"{name}.{k}") for k, v in values.items()}
+    try:
+        return cls(**values)
+    except ValueError as err:  # the section's own checks (e.g. LoRA targets)
+        raise ConfigError(f"[{name}]: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 
+from kaggle_pipeline.errors import UserError
+from kaggle_pipeline.files import write_atomically
+
 SEPARATORS = {".tsv": "\t", ".csv": ","}
 _MAX_LISTED = 5  # ids named in one error message
 
 
-class SubmissionError(ValueError):
+class SubmissionError(UserError):
     """A submission that does not fit the competition's sample."""
 
 
@@ -140,22 +142,6 @@ def _check_unquoted_cells(frame: pl.DataFrame, sep: str, path: Path) -> None:
                                       "tab or line break, which a TSV cannot hold")
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call write(temp_path), then move the temp file over `path`; on any error the temp file
-    is removed and `path` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def write_submission(df: pl.DataFrame, path: str | os.PathLike, *,
                      sample: pl.DataFrame | str | os.PathLike, id_col: str, label_col: str,
                      label_domain: Iterable | None, sep: str | None = None) -> Path:
@@ -184,3 +170,55 @@ def write_submission(df: pl.DataFrame, path: str | os.PathLike, *,
     else:
         write_atomically(path, lambda tmp: frame.write_csv(tmp, separator=sep))
     return path
+
+
+# A submission cell may not be empty; an answer that decodes to nothing is written as this.
+EMPTY_ANSWER = "-"
+
+
+def answer_column(spec) -> str:
+    """The submission column a task's predictions go to."""
+    if spec.kind == "classification":
+        return spec.label_column
+    return spec.output_columns[-1] if spec.output_columns else "prediction"
+
+
+def _cell_text(prediction, separator: str) -> str:
+    text = str(prediction)
+    if separator == "\t":  # an unquoted TSV cell cannot hold a tab or a line break
+        text = " ".join(text.split())
+    return text if text.strip() else EMPTY_ANSWER
+
+
+def write_task_submission(spec, test_file: Path, root: str | os.PathLike, ids: list,
+                          predictions: list) -> Path:
+    """A task's predictions as a submission under `root`, validated against the sample; returns
+    its path.
+
+    Classification: the test file is the competition's sample (AIFactory's test.tsv `id,
+    comment` becomes `id, comment, label`), its separator too. Generation: the task's output
+    columns (`id` and the answer column), in test-file order, tab-separated when the test file
+    is a .tsv, else comma-separated.
+    """
+    if spec.kind == "classification":  # the test file is the sample: its separator
+        sep = separator_for(test_file)
+    else:  # the test file may be JSON: tab only for a .tsv
+        sep = "\t" if Path(test_file).suffix.lower() == ".tsv" else ","
+    path = submission_path(spec.name, "tsv" if sep == "\t" else "csv", root=root)
+    id_col, label_col = spec.id_column or "id", answer_column(spec)
+    if spec.kind == "classification":
+        sample, domain = test_file, [str(k) for k in spec.label_map]
+        texts = [str(p) for p in predictions]
+    else:
+        # No sample file for generation: the submission is the ids with their answers.
+        sample, domain = pl.DataFrame({id_col: [str(i) for i in ids]}), None
+        texts = [_cell_text(p, sep) for p in predictions]
+        empty = [str(i) for i, p in zip(ids, predictions, strict=True) if not str(p).strip()]
+        if empty:
+            from kaggle_pipeline.cli import log
+
+            log(f"warning: {len(empty)} empty answers written as {EMPTY_ANSWER!r} "
+                f"(ids {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
+    frame = pl.DataFrame({id_col: [str(i) for i in ids], label_col: texts})
+    return write_submission(frame, path, sample=sample, id_col=id_col, label_col=label_col,
+                            label_domain=domain, sep=sep)

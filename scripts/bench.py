@@ -118,7 +118,7 @@ def log(message: str) -> None:
 
 
 def model_config(fields: dict):
-    from kaggle_pipeline.config import AttentionKind, ModelConfig
+    from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 
     return ModelConfig(**{**fields, "attention_kinds": tuple(
         AttentionKind(k) for k in fields["attention_kinds"])})
@@ -178,13 +178,13 @@ def worker_prep(spec: dict) -> dict:
     import jax.numpy as jnp
 
     import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
-    from kaggle_pipeline.chat_template import encode_prompt
     from kaggle_pipeline.checkpoints import load_checkpoint, save_hf
     from kaggle_pipeline.checkpoints.common import flatten
     from kaggle_pipeline.checkpoints.orbax_format import save_orbax
+    from kaggle_pipeline.data.chat_template import encode_prompt
+    from kaggle_pipeline.data.tasks import build_examples, get_task, load_records
+    from kaggle_pipeline.data.tokenizer import Tokenizer
     from kaggle_pipeline.run_config import load_config, resolve_input
-    from kaggle_pipeline.tasks import build_examples, get_task, load_records
-    from kaggle_pipeline.tokenizer import Tokenizer
 
     work, gguf = Path(spec["work"]), Path(spec["gguf"])
     log(f"prep: loading {gguf}")
@@ -262,12 +262,12 @@ def worker_train_ours(spec: dict) -> dict:
     import jax
 
     import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
-    from kaggle_pipeline.lora import LoraConfig, count_params, init_lora
-    from kaggle_pipeline.loss import add_target_slots
     from kaggle_pipeline.model import Transformer
-    from kaggle_pipeline.optim import OptimConfig, make_optimizer
-    from kaggle_pipeline.sharding import make_mesh
-    from kaggle_pipeline.train_step import Trainer
+    from kaggle_pipeline.model.lora import LoraConfig, count_params, init_lora
+    from kaggle_pipeline.model.loss import add_target_slots
+    from kaggle_pipeline.model.sharding import make_mesh
+    from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+    from kaggle_pipeline.training.step import Trainer
 
     config, params = load_params(Path(spec["work"]))
     batch = train_batch(Path(spec["batch"]))
@@ -352,16 +352,15 @@ def _job_model(cfg, config, params: dict, total_steps: int):
     import jax
     import jax.numpy as jnp
 
-    from kaggle_pipeline.lora import init_lora
     from kaggle_pipeline.model import Transformer
-    from kaggle_pipeline.optim import make_optimizer
-    from kaggle_pipeline.sharding import make_mesh
-    from kaggle_pipeline.train import lora_config
-    from kaggle_pipeline.train_step import Trainer
+    from kaggle_pipeline.model.lora import init_lora
+    from kaggle_pipeline.model.sharding import make_mesh
+    from kaggle_pipeline.training.optimizer import make_optimizer
+    from kaggle_pipeline.training.step import Trainer
 
     params = jax.tree.map(lambda p: jnp.asarray(p, cfg.model.param_dtype), params)
     full = not cfg.lora.enabled
-    lora = lora_config(cfg)
+    lora = cfg.lora
     model = Transformer(config, dtype=cfg.model.dtype, lora_scale=lora.scale,
                         lora_dropout=0.0 if full else lora.dropout, deterministic=False,
                         remat=cfg.model.remat)
@@ -391,12 +390,12 @@ def worker_keras(spec: dict) -> dict:
     import jax
 
     import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
-    from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
-    from kaggle_pipeline.packing import batches, num_batches, pack
-    from kaggle_pipeline.predict import task_spec
+    from kaggle_pipeline.data.packing import batches, num_batches, pack
+    from kaggle_pipeline.data.tasks import build_examples, load_records, train_validation_split
+    from kaggle_pipeline.data.tokenizer import Tokenizer
+    from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
     from kaggle_pipeline.run_config import load_config, resolve_input
-    from kaggle_pipeline.tasks import build_examples, load_records, train_validation_split
-    from kaggle_pipeline.tokenizer import Tokenizer
+    from kaggle_pipeline.run_setup import task_spec
     from kaggle_pipeline.train import encode_examples
 
     cfg = load_config(None, spec["overrides"])
@@ -459,8 +458,8 @@ def worker_decode_ours(spec: dict) -> dict:
     import jax
 
     import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
+    from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
     from kaggle_pipeline.model import Transformer
-    from kaggle_pipeline.sampler import Sampler, SamplingConfig
 
     config, params = load_params(Path(spec["work"]))
     prompts = spec["prompts"]
@@ -983,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--targets must be between 1 and --seq-len - 1")
 
     sys.path.insert(0, str(PROJECT))
-    from kaggle_pipeline.assets import gemma3_270m_gguf
+    from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 
     gguf = gemma3_270m_gguf()
     work = Path(args.work_dir)

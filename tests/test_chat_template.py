@@ -6,8 +6,7 @@ import jinja2
 import numpy as np
 import pytest
 
-from kaggle_pipeline.assets import gemma3_270m_gguf
-from kaggle_pipeline.chat_template import (
+from kaggle_pipeline.data.chat_template import (
     Turn,
     encode_conversation,
     encode_prompt,
@@ -15,7 +14,7 @@ from kaggle_pipeline.chat_template import (
     render_chat,
     render_plain,
 )
-from kaggle_pipeline.tokenizer import Tokenizer
+from kaggle_pipeline.data.tokenizer import Tokenizer
 
 # The chat template of google/gemma-2-*-it (tokenizer_config.json), the reference for the format.
 OFFICIAL_GEMMA_TEMPLATE = (
@@ -40,8 +39,8 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_gguf(gemma3_270m_gguf())
+def tok(gemma3_tokenizer) -> Tokenizer:
+    return gemma3_tokenizer
 
 
 def _official(turns: list[Turn], add_generation_prompt: bool = False) -> str:

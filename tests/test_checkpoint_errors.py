@@ -14,8 +14,8 @@ from kaggle_pipeline.checkpoints import CheckpointError, load_checkpoint, save_h
 from kaggle_pipeline.checkpoints.common import flatten
 from kaggle_pipeline.checkpoints.gguf_format import gguf_name
 from kaggle_pipeline.checkpoints.hf_format import hf_layout_shapes, hf_tensor
-from kaggle_pipeline.config import tiny_config
 from kaggle_pipeline.model import abstract_params
+from kaggle_pipeline.model.config import tiny_config
 
 CONFIG = tiny_config("gemma3", num_layers=3, sliding_window=4, vocab_size=40)
 

@@ -10,21 +10,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from kaggle_pipeline.checkpoints import save_hf
 from kaggle_pipeline.checkpoints.common import flatten, unflatten
 from kaggle_pipeline.checkpoints.gguf_format import gguf_name
 from kaggle_pipeline.checkpoints.hf_format import hf_layout_shapes, hf_tensor
-from kaggle_pipeline.config import tiny_config
 from kaggle_pipeline.model import abstract_params
+from kaggle_pipeline.model.config import tiny_config
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = REPO
 CONFIG = tiny_config("gemma3", num_layers=1, vocab_size=65_536, embed_dim=1024)
 LIMIT = 1.5
 

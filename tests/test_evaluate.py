@@ -13,19 +13,20 @@ import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_pipeline import evaluate, metrics
-from kaggle_pipeline.assets import gemma3_270m_gguf
+from kaggle_pipeline import evaluate
 from kaggle_pipeline.checkpoints import save_hf
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.export import save_adapter
-from kaggle_pipeline.lora import LoraConfig, init_lora
+from kaggle_pipeline.checkpoints.adapter import save_adapter
+from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
+from kaggle_pipeline.data.records import read_tarr
+from kaggle_pipeline.data.tasks import train_validation_split
+from kaggle_pipeline.data.tokenizer import Tokenizer
+from kaggle_pipeline.evaluation import metrics
+from kaggle_pipeline.evaluation.report import CONFUSION_PNG, LOSS_PNG, PER_TASK_PNG, REPORT_NAME
 from kaggle_pipeline.model import abstract_params
-from kaggle_pipeline.records import read_tarr
-from kaggle_pipeline.report import CONFUSION_PNG, LOSS_PNG, PER_TASK_PNG, REPORT_NAME
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.lora import LoraConfig, init_lora
 from kaggle_pipeline.run_config import PROJECT_DIR
 from kaggle_pipeline.submission import read_sample
-from kaggle_pipeline.tasks import train_validation_split
-from kaggle_pipeline.tokenizer import Tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KOREAN = ["오늘 날씨가 정말 좋네요.", "저는 사과, 배, 포도를 좋아합니다.",

@@ -15,22 +15,25 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from kaggle_pipeline.checkpoints.adapter import load_adapter, save_adapter
+from kaggle_pipeline.checkpoints.common import CheckpointError
 from kaggle_pipeline.checkpoints.hf_format import load_hf
 from kaggle_pipeline.checkpoints.orbax_format import load_orbax
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.export import (
-    export_merged,
-    export_peft_adapter,
-    load_adapter,
-    save_adapter,
-)
-from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora, merge_lora
-from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.checkpoints.peft import export_merged, export_peft_adapter
+from kaggle_pipeline.data.packing import batches, pack
 from kaggle_pipeline.model import Transformer, abstract_params
-from kaggle_pipeline.optim import OptimConfig, make_optimizer
-from kaggle_pipeline.packing import batches, pack
-from kaggle_pipeline.sharding import make_mesh
-from kaggle_pipeline.train_step import Trainer
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.lora import (
+    ATTENTION_TARGETS,
+    MLP_TARGETS,
+    LoraConfig,
+    init_lora,
+    merge_lora,
+)
+from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.model.sharding import make_mesh
+from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+from kaggle_pipeline.training.step import Trainer
 
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 SEQ_LEN = 16
@@ -234,7 +237,7 @@ def test_load_adapter_errors_name_the_file_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"lora.safetensors: .*layer_0/attn/q/b has shape "
                                          r"\(2, 4, 16\), expected \(2, 4, 8\)"):
         load_adapter(path, config.replace(head_dim=8))
-    with pytest.raises(FileNotFoundError, match="lora.safetensors"):
+    with pytest.raises(CheckpointError, match="lora.safetensors"):
         load_adapter(tmp_path / "missing")
 
     config_file = path / "lora_config.json"

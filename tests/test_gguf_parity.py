@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 
-from kaggle_pipeline.assets import gemma3_270m_gguf
 from kaggle_pipeline.checkpoints import load_checkpoint
-from kaggle_pipeline.config import AttentionKind
+from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
+from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
 from kaggle_pipeline.model import Transformer
-from kaggle_pipeline.sampler import Sampler, SamplingConfig
+from kaggle_pipeline.model.config import AttentionKind
 
 ENGLISH = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

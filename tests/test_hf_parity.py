@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 from kaggle_pipeline.checkpoints import load_checkpoint
 from kaggle_pipeline.checkpoints.common import flatten
 from kaggle_pipeline.checkpoints.hf_format import config_from_hf, save_hf
-from kaggle_pipeline.config import PRESETS, AttentionKind, tiny_config
 from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.model.config import PRESETS, AttentionKind, tiny_config
 
 SEQ_LEN = 24
 REAL_LENGTHS = (SEQ_LEN, 17)  # the second row is right-padded

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from kaggle_pipeline import kernels
 from kaggle_pipeline.kernels import KernelError, build, validate_metadata
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = ["aihub-dialogue", "dolly-en-ko", "tarr-sentiment", "template"]
 SECRETS = {
     "key": "kagglekey-SECRET-0123456789abcdef",
@@ -289,8 +289,8 @@ def _rendered_config(task: str) -> tuple[str, dict[str, str]]:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_kernel_configs_follow_the_run_config_schema(task, tmp_path):
-    from kaggle_pipeline.predict import input_paths, task_spec
     from kaggle_pipeline.run_config import load_config
+    from kaggle_pipeline.run_setup import input_paths, task_spec
 
     text, values = _rendered_config(task)
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
@@ -392,7 +392,8 @@ def test_build_bundles_the_package_and_no_credentials(secret_home, tmp_path, cap
     assert copied == expected and "kernels.py" in expected
     with zipfile.ZipFile(io.BytesIO(_embedded_bundle(out / "kernel.py"))) as bundle:
         assert bundle.namelist() == [f"kaggle_pipeline/{name}" for name in expected]
-        assert bundle.read("kaggle_pipeline/metrics.py") == (package / "metrics.py").read_bytes()
+        assert bundle.read("kaggle_pipeline/evaluation/metrics.py") == (
+            package / "evaluation" / "metrics.py").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [
         "config.toml", "kaggle_pipeline", "kernel-metadata.json", "kernel.py"]
 
@@ -522,11 +523,11 @@ def _tiny_gemma2(model_dir: Path) -> None:
     """Kaggle's Flax Gemma 2 layout, tiny: an Orbax checkpoint (the FLAT layout Kaggle ships)
     of random params beside tokenizer.model (Gemma 3's, whose 262k vocabulary the tiny preset
     has)."""
-    from kaggle_pipeline.assets import gemma3_270m_gguf
     from kaggle_pipeline.checkpoints.orbax_format import save_orbax
-    from kaggle_pipeline.config import tiny_config
+    from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
+    from kaggle_pipeline.data.tokenizer import Tokenizer
     from kaggle_pipeline.model import abstract_params
-    from kaggle_pipeline.tokenizer import Tokenizer
+    from kaggle_pipeline.model.config import tiny_config
 
     rng = np.random.default_rng(0)
     params = _random_like(abstract_params(tiny_config("gemma2", vocab_size=262_144)), rng)

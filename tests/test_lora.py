@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.lora import (
+from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.lora import (
     ATTENTION_TARGETS,
     MLP_TARGETS,
     LoraConfig,
@@ -18,11 +19,10 @@ from kaggle_pipeline.lora import (
     init_lora,
     merge_lora,
 )
-from kaggle_pipeline.loss import add_target_slots
-from kaggle_pipeline.model import Transformer, abstract_params
-from kaggle_pipeline.optim import OptimConfig, make_optimizer
-from kaggle_pipeline.sharding import make_mesh
-from kaggle_pipeline.train_step import Trainer
+from kaggle_pipeline.model.loss import add_target_slots
+from kaggle_pipeline.model.sharding import make_mesh
+from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+from kaggle_pipeline.training.step import Trainer
 
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 SEQ_LEN = 20

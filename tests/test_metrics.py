@@ -10,7 +10,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from kaggle_pipeline import metrics
+from kaggle_pipeline.evaluation import metrics
 
 # ---------------------------------------------------------------- classification
 

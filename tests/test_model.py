@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.config import PRESETS, tiny_config
+from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, sample_token
 from kaggle_pipeline.model import Transformer, abstract_params, init_cache, init_params
-from kaggle_pipeline.sampler import Sampler, SamplingConfig, sample_token
+from kaggle_pipeline.model.config import PRESETS, tiny_config
 
 
 def _forward(model, params, tokens):

@@ -8,23 +8,21 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
-    from kaggle_pipeline import sharding
+    from kaggle_pipeline.model import sharding
     from kaggle_pipeline.checkpoints.common import flatten
     from kaggle_pipeline.model import Transformer
-    from kaggle_pipeline.optim import OptimConfig, make_optimizer
-    from kaggle_pipeline.train_step import Trainer
+    from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+    from kaggle_pipeline.training.step import Trainer
     from tiny_lora_case import tiny_lora_case
 
     shape, out = json.loads(sys.argv[1]), sys.argv[2]

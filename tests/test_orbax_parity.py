@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO
 
 from kaggle_pipeline.checkpoints.common import CheckpointError, expected_shapes, flatten
 from kaggle_pipeline.checkpoints.orbax_format import (
@@ -27,10 +28,10 @@ from kaggle_pipeline.checkpoints.orbax_format import (
     save_orbax,
     to_flat_layout,
 )
-from kaggle_pipeline.config import PRESETS, AttentionKind, ModelConfig, tiny_config
 from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.model.config import PRESETS, AttentionKind, ModelConfig, tiny_config
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = REPO
 REFERENCE_VENV = Path(os.environ.get("REFERENCE_VENV", PROJECT / ".venv-ref"))
 SETUP_SCRIPT = PROJECT / "scripts" / "setup_reference_env.sh"
 CASES = ("gemma2_gqa", "gemma2_qkv", "gemma3_gqa", "gemma3_mqa")

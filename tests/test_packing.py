@@ -6,16 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.loss import add_target_slots, max_targets_per_row, sequence_loss
-from kaggle_pipeline.model import Transformer, abstract_params
-from kaggle_pipeline.packing import (
+from kaggle_pipeline.data.packing import (
     batches,
     bucket_by_length,
     num_batches,
     pack,
     target_tokens_per_batch,
 )
+from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row, sequence_loss
 from kaggle_pipeline.train import update_token_counts
 
 

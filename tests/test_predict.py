@@ -12,21 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 import pytest
+from conftest import FIXTURES
 
-from kaggle_pipeline import metrics, predict, train
-from kaggle_pipeline.assets import gemma3_270m_gguf
-from kaggle_pipeline.chat_template import Turn, encode_conversation, encode_prompt
+from kaggle_pipeline import predict, run_setup, submission, train
 from kaggle_pipeline.checkpoints import save_hf
-from kaggle_pipeline.config import tiny_config
+from kaggle_pipeline.data.chat_template import Turn, encode_conversation, encode_prompt
+from kaggle_pipeline.data.tasks import Example, build_examples, get_task, load_records
+from kaggle_pipeline.data.tokenizer import Tokenizer
+from kaggle_pipeline.evaluation import metrics, validation
+from kaggle_pipeline.inference import predictions
+from kaggle_pipeline.inference.label_scoring import score_labels
+from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
 from kaggle_pipeline.model import Transformer, abstract_params
+from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.run_config import PROJECT_DIR, load_config
-from kaggle_pipeline.sampler import Sampler, SamplingConfig
-from kaggle_pipeline.scoring import score_labels
 from kaggle_pipeline.submission import read_sample
-from kaggle_pipeline.tasks import Example, build_examples, get_task, load_records
-from kaggle_pipeline.tokenizer import Tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
 CONFIG = tiny_config("gemma3", vocab_size=262_144)  # the "tiny-gemma3" preset
 REVIEWS = ["국물이 진하고 면이 쫄깃해요 ㄹㅇ 맛집👍", "웨이팅 1시간 실화냐... 맛은 그냥 그럼",
            "사장님 친절하시고 가격도 착해요ㅋㅋ", "최악"]
@@ -41,8 +42,8 @@ def random_params(config, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_gguf(gemma3_270m_gguf())
+def tokenizer(gemma3_tokenizer) -> Tokenizer:
+    return gemma3_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +141,18 @@ def test_classification_prediction_is_always_a_valid_label(model, variables, tok
     cfg = load_config(None, ["data.batch_size=2", "data.seq_len=128"])
     for task in (spec, three):
         examples = build_examples(task, frame, with_answers=False)
-        scores = predict.classify(model, variables, tokenizer, task, examples, cfg)
+        scores = predictions.classify(model, variables, tokenizer, task, examples,
+                                      seq_len=cfg.data.seq_len,
+                                      batch_size=cfg.data.batch_size * 2)
         labels = list(task.label_map)
         assert scores.shape == (len(examples), len(labels)) and np.isfinite(scores).all()
-        decided = predict.decide(scores, labels)
+        decided = predictions.decide(scores, labels)
         assert set(decided) <= set(labels)
         if len(labels) == 2:
             margins = scores[:, 0] - scores[:, 1]
             assert decided == [1 if m > 0 else 0 for m in margins]
-            assert predict.decide(scores, labels, margins.max()) == [0] * len(examples)
-            assert predict.decide(scores, labels, margins.min() - 1) == [1] * len(examples)
+            assert predictions.decide(scores, labels, margins.max()) == [0] * len(examples)
+            assert predictions.decide(scores, labels, margins.min() - 1) == [1] * len(examples)
         else:
             assert decided == [labels[i] for i in scores.argmax(axis=1)]
 
@@ -199,7 +202,7 @@ def translation_config(tmp_path, test: Path | str, task="aihub-parallel", *extra
 
 def test_generation_submission_has_every_test_id_once(model, variables, tokenizer, tmp_path):
     cfg = translation_config(tmp_path, FIXTURES / "aihub_parallel_ko_en.csv")
-    spec = predict.task_spec(cfg)
+    spec = run_setup.task_spec(cfg)
     path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
     assert path.parent == tmp_path / "submissions" and path.suffix == ".csv"
     frame = read_sample(path)
@@ -217,8 +220,8 @@ def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_p
                         examples, **kw: [f"번역 {e.prompt[0].text[-12:]}" for e in examples])
     pair = f"{FIXTURES / 'dolly_en.jsonl'},{FIXTURES / 'dolly_ko.jsonl'}"
     cfg = translation_config(tmp_path, pair, "dolly-en-ko")
-    spec = predict.task_spec(cfg)
-    records = load_records(spec, predict.input_paths(spec, cfg.data.test)).frame
+    spec = run_setup.task_spec(cfg)
+    records = load_records(spec, run_setup.input_paths(spec, cfg.data.test)).frame
     path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
     frame = read_sample(path)
     assert frame.columns == ["id", "ko"]
@@ -232,7 +235,7 @@ def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_p
 def test_generation_answers_follow_the_examples_order(model, variables, tokenizer):
     spec = get_task("aihub-parallel")
     examples = [Example(str(i), [Turn("user", text)]) for i, text in enumerate(REVIEWS)]
-    batched = predict.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6,
+    batched = predictions.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6,
                                batch_size=2)
     for example, text in zip(examples, batched, strict=True):
         prompt = encode_prompt(tokenizer, example.prompt).tolist()
@@ -244,18 +247,18 @@ def test_generation_answers_follow_the_examples_order(model, variables, tokenize
 def test_validate_generation_scores_and_writes_the_validation_answers(model, variables,
                                                                     tokenizer, tmp_path):
     cfg = translation_config(tmp_path, FIXTURES / "aihub_parallel_ko_en.csv")
-    spec = predict.task_spec(cfg)
+    spec = run_setup.task_spec(cfg)
     frame = load_records(spec, FIXTURES / "aihub_parallel_ko_en.csv").frame
     examples = build_examples(spec, frame)
     result = predict.validate_generation(model, variables, tokenizer, spec, examples, cfg,
                                          limit=2, max_new_tokens=6)
     written = read_sample(Path(result["predictions_file"]))
-    assert Path(result["predictions_file"]) == cfg.run_dir / predict.VALIDATION_FILE
+    assert Path(result["predictions_file"]) == cfg.run_dir / validation.VALIDATION_FILE
     assert written.columns == ["id", "prediction", "reference"]
     assert written["id"].to_list() == ["1", "2"]
     assert written["reference"].to_list() == frame["en"].to_list()[:2]
     hyps = written["prediction"].fill_null("").to_list()
-    assert hyps == predict.generate(model, variables, tokenizer, spec, examples[:2],
+    assert hyps == predictions.generate(model, variables, tokenizer, spec, examples[:2],
                                     max_new_tokens=6, batch_size=2)
     expected = metrics.generation_scores(hyps, written["reference"].to_list(),
                                          expected_script="latin")
@@ -266,9 +269,9 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
 
 def test_input_paths_errors_name_the_field():
     with pytest.raises(ValueError, match="data.test: task 'dolly-en-ko' reads two files"):
-        predict.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.test")
+        run_setup.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.test")
     with pytest.raises(ValueError, match="data.train: task 'tarr-sentiment' reads one file"):
-        predict.input_paths(get_task("tarr-sentiment"), ["a.tsv", "b.tsv"], "data.train")
+        run_setup.input_paths(get_task("tarr-sentiment"), ["a.tsv", "b.tsv"], "data.train")
 
 
 # ----------------------------------------------------------------------------- predict CLI
@@ -315,7 +318,7 @@ def test_predict_cli_after_training_writes_the_sample_format(tiny_checkpoint, tm
 
 def test_predict_cli_without_an_adapter_fails_clearly(tmp_path, capsys, monkeypatch):
     # Nothing is loaded before the check: a missing model would fail differently.
-    monkeypatch.setattr("kaggle_pipeline.loading.load_model", lambda *a, **k: pytest.fail(
+    monkeypatch.setattr("kaggle_pipeline.run_setup.load_model", lambda *a, **k: pytest.fail(
         "the model was loaded before the adapter was checked"))
     code = predict.main([f"output.dir={tmp_path}", "output.name=never-trained",
                          "model.checkpoint=/nonexistent/model"])
@@ -330,7 +333,8 @@ def test_write_predictions_keeps_tsv_cells_on_one_line(tmp_path):
     test = tmp_path / "test.tsv"
     pl.DataFrame({"원문": ["하나", "둘"]}).write_csv(test, separator="\t")
     cfg = translation_config(tmp_path, test)
-    path = predict.write_predictions(get_task("aihub-parallel"), cfg, ["1", "2"],
-                                     ["two\tlines\nhere", "  "])
+    path = submission.write_task_submission(get_task("aihub-parallel"), test,
+                                            cfg.output.submissions, ["1", "2"],
+                                            ["two\tlines\nhere", "  "])
     assert path.read_text(encoding="utf-8").splitlines() == [
-        "id\ten", "1\ttwo lines here", f"2\t{predict.EMPTY_ANSWER}"]
+        "id\ten", "1\ttwo lines here", f"2\t{submission.EMPTY_ANSWER}"]

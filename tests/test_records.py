@@ -3,8 +3,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import FIXTURES
+from conftest import REPO as ROOT
 
-from kaggle_pipeline.records import (
+from kaggle_pipeline.data.records import (
     DataError,
     SkippedRow,
     read_aihub_dialogue,
@@ -16,8 +18,6 @@ from kaggle_pipeline.records import (
     read_tarr,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "data"
 TARR = ROOT / "data" / "tarr"
 
 

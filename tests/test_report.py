@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from kaggle_pipeline.report import read_loss_curve, write_report
+from kaggle_pipeline.evaluation.report import read_loss_curve, write_report
 
 
 def _write_loss(path, records):

@@ -9,11 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 # (data, fsdp, model) meshes; (1, 1, 1) on one device is the reference.
 LORA_MESHES = [(8, 1, 1), (2, 1, 4), (1, 1, 8), (2, 2, 2)]
@@ -25,9 +23,9 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from kaggle_pipeline.checkpoints.common import flatten
     from kaggle_pipeline.model import Transformer
-    from kaggle_pipeline.optim import OptimConfig, make_optimizer
-    from kaggle_pipeline.sharding import make_mesh
-    from kaggle_pipeline.train_step import Trainer
+    from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+    from kaggle_pipeline.model.sharding import make_mesh
+    from kaggle_pipeline.training.step import Trainer
     from tiny_lora_case import tiny_lora_case
 
     lora_meshes, full_meshes = json.loads(sys.argv[1])

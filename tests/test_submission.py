@@ -7,11 +7,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import REPO
 
 from kaggle_pipeline import submission
 from kaggle_pipeline.submission import SubmissionError, submission_path, write_submission
 
-TARR_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "tarr" / "test.tsv"
+TARR_SAMPLE = REPO / "data" / "tarr" / "test.tsv"
 
 
 def _tarr_predictions(order=None) -> pl.DataFrame:

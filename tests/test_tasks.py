@@ -1,11 +1,12 @@
-from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import FIXTURES
+from conftest import REPO as ROOT
 
-from kaggle_pipeline.chat_template import Turn
-from kaggle_pipeline.records import read_tarr
-from kaggle_pipeline.tasks import (
+from kaggle_pipeline.data.chat_template import Turn
+from kaggle_pipeline.data.records import read_tarr
+from kaggle_pipeline.data.tasks import (
     TASK_NAMES,
     Example,
     TaskSpec,
@@ -17,8 +18,6 @@ from kaggle_pipeline.tasks import (
     train_validation_split,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "data"
 TARR = ROOT / "data" / "tarr"
 
 def sentiment_prompt(comment: str) -> str:
@@ -201,7 +200,7 @@ def test_translation_languages_are_checked():
 
 
 def test_dolly_needs_two_paths():
-    with pytest.raises(ValueError, match=r"reads two files, \(English, Korean\)"):
+    with pytest.raises(ValueError, match=r"reads two files, English and Korean"):
         load_records(get_task("dolly-en-ko"), FIXTURES / "dolly_en.jsonl")
 
 

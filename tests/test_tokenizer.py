@@ -11,8 +11,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from kaggle_pipeline.assets import gemma3_270m_gguf
-from kaggle_pipeline.tokenizer import Tokenizer
+from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
+from kaggle_pipeline.data.tokenizer import Tokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

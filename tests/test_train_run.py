@@ -25,10 +25,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from kaggle_pipeline import loading, train
+from kaggle_pipeline import run_setup, train
 from kaggle_pipeline.run_config import PROJECT_DIR, ConfigError, RunConfig, load_config, to_toml
 from kaggle_pipeline.submission import read_sample
-from kaggle_pipeline.train_step import Trainer
+from kaggle_pipeline.training.step import Trainer
 
 # 20 reviews -> 16 training + 4 validation; two reviews fit in a 128-token row, so 8 rows make
 # 4 batches of 2: an epoch is 4 steps and step 3 is in the middle of the first one.
@@ -94,7 +94,7 @@ def ws(tmp_path_factory) -> Workspace:
         jax.config.update(name, value)
     compilation_cache.reset_cache()  # the cache is set up once per process: start it afresh
     patch = pytest.MonkeyPatch()
-    patch.setattr(loading, "load_tokenizer", functools.cache(loading.load_tokenizer))
+    patch.setattr(run_setup, "load_tokenizer", functools.cache(run_setup.load_tokenizer))
     yield space
     patch.undo()
     for name, value in saved.items():
@@ -463,8 +463,8 @@ def test_full_fine_tuning_saves_the_model_and_guards_its_run_dir(ws, capsys):
 
     # The saved model loads as a checkpoint and holds the trained params.
     section = load_config(None, args).model
-    _, saved = loading.load_model(dataclasses.replace(section, checkpoint=str(run_dir / "model")))
-    _, initial = loading.load_model(section)
+    _, saved = run_setup.load_model(dataclasses.replace(section, checkpoint=str(run_dir / "model")))
+    _, initial = run_setup.load_model(section)
     trained = _saved_state(run_dir)
     assert int(trained["step"]) == 2
     _assert_trees_equal(saved, trained["trainable"])

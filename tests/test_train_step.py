@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
-from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.data.packing import pack
 from kaggle_pipeline.model import Transformer, abstract_params
-from kaggle_pipeline.optim import OptimConfig, make_optimizer
-from kaggle_pipeline.packing import pack
-from kaggle_pipeline.sharding import make_mesh
-from kaggle_pipeline.train_step import Trainer
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
+from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.model.sharding import make_mesh
+from kaggle_pipeline.training.optimizer import OptimConfig, make_optimizer
+from kaggle_pipeline.training.step import Trainer
 
 CONFIG = tiny_config("gemma2", num_layers=2, sliding_window=4)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=ATTENTION_TARGETS + MLP_TARGETS)

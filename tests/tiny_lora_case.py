@@ -4,11 +4,11 @@ every run trains the same model on the same batches."""
 import jax
 import numpy as np
 
-from kaggle_pipeline.config import tiny_config
-from kaggle_pipeline.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
-from kaggle_pipeline.loss import add_target_slots, max_targets_per_row
+from kaggle_pipeline.data.packing import batches, pack
 from kaggle_pipeline.model import abstract_params
-from kaggle_pipeline.packing import batches, pack
+from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
+from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
 
 
 def tiny_lora_case():

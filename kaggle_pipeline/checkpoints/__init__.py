@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from kaggle_pipeline.checkpoints.common import CheckpointError
 from kaggle_pipeline.checkpoints.gguf_format import load_gguf
 from kaggle_pipeline.checkpoints.hf_format import load_hf, save_hf
-from kaggle_pipeline.config import ModelConfig
+from kaggle_pipeline.model.config import ModelConfig
 
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt")
 

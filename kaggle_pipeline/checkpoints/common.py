@@ -12,15 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kaggle_pipeline.config import ModelConfig
+from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.model import abstract_params
+from kaggle_pipeline.model.config import ModelConfig
 
 # XLA's CPU client adopts a host buffer aligned like this in jax.device_put instead of copying
 # it: with every tensor handed over this way, loading holds one copy of the model, not two.
 _ALIGNMENT = 64
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or does not match the model config."""
 
 

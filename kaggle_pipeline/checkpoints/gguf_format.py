@@ -26,14 +26,14 @@ from kaggle_pipeline.checkpoints.common import (
 )
 from kaggle_pipeline.checkpoints.hf_format import (
     hf_layout_shapes,
-    official_gating_transposed,
     official_tensor,
 )
-from kaggle_pipeline.config import (
+from kaggle_pipeline.model.config import (
     GEMMA2_PATTERN,
     GEMMA3_PATTERN,
     AttentionKind,
     ModelConfig,
+    from_dimensions,
     query_scale_for,
     repeat_pattern,
 )
@@ -138,8 +138,9 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     global_scale = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)) \
         if scaling == "linear" else 1.0
     caps = [_field(reader, f"{arch}.{k}_logit_softcapping") for k in ("attn", "final")]
-    return ModelConfig(
-        family=arch,
+    return from_dimensions(
+        arch,
+        num_layers=num_layers,
         vocab_size=int(embedding.shape[1]),  # GGUF shapes list the fastest axis first
         embed_dim=embed_dim,
         hidden_dim=int(need("feed_forward_length")),
@@ -151,8 +152,6 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
         query_pre_attn_scalar=query_scale_for(embed_dim, num_heads, head_dim, by_embed=is_27b),
         attn_logit_softcap=None if caps[0] is None else float(caps[0]),
         final_logit_softcap=None if caps[1] is None else float(caps[1]),
-        use_qk_norm=arch == "gemma3",
-        transpose_gating_einsum=official_gating_transposed(arch, embed_dim, num_layers),
         local_rope_base=local_base,
         global_rope_base=global_base,
         global_rope_scale=global_scale,

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from kaggle_pipeline.checkpoints.common import (
     read_into,
     require_file,
 )
-from kaggle_pipeline.config import PRESETS, AttentionKind, ModelConfig
+from kaggle_pipeline.files import write_atomically, write_text_atomically
+from kaggle_pipeline.model.config import AttentionKind, ModelConfig, from_dimensions
 
 # Where the text model's tensors live: Gemma3ForConditionalGeneration (transformers >= 4.52),
 # the same before 4.52, then the plain *ForCausalLM models.
@@ -58,15 +58,6 @@ _NORMS = {
     "pre_ffw_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-
-
-def official_gating_transposed(family: str, embed_dim: int, num_layers: int) -> bool:
-    """Whether DeepMind's checkpoint of this size stores gating as (2, F, D): keeps HF-loaded
-    params interchangeable with the official Flax ones."""
-    for preset in PRESETS.values():
-        if (preset.family, preset.embed_dim, preset.num_layers) == (family, embed_dim, num_layers):
-            return preset.transpose_gating_einsum
-    return family == "gemma3"
 
 
 # --- config.json ---------------------------------------------------------------------------
@@ -158,8 +149,9 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfig:
     (local_base, local_scale), (global_base, global_scale) = _rope_pair(text, family, source)
     soft_caps = [text.get(k, defaults[k]) for k in
                  ("attn_logit_softcapping", "final_logit_softcapping")]
-    return ModelConfig(
-        family=family,
+    return from_dimensions(
+        family,
+        num_layers=num_layers,
         vocab_size=int(get("vocab_size")),
         embed_dim=embed_dim,
         hidden_dim=int(get("intermediate_size")),
@@ -171,8 +163,6 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfig:
         query_pre_attn_scalar=float(get("query_pre_attn_scalar")) ** -0.5,
         attn_logit_softcap=None if soft_caps[0] is None else float(soft_caps[0]),
         final_logit_softcap=None if soft_caps[1] is None else float(soft_caps[1]),
-        use_qk_norm=family == "gemma3",
-        transpose_gating_einsum=official_gating_transposed(family, embed_dim, num_layers),
         local_rope_base=local_base,
         global_rope_base=global_base,
         local_rope_scale=local_scale,
@@ -531,19 +521,8 @@ def save_hf(params: Mapping, config: ModelConfig, out_dir: str | Path,
     def tensor(name: str) -> np.ndarray:
         return hf_tensor(config, flat, name.removeprefix("model."))
 
-    _atomic_write(out_dir / "model.safetensors",
-                  lambda tmp: _write_safetensors(tmp, shapes, dtype, tensor))
-    text = json.dumps(hf_config(config, dtype), indent=2) + "\n"
-    _atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(text))
+    write_atomically(out_dir / "model.safetensors",
+                     lambda tmp: _write_safetensors(tmp, shapes, dtype, tensor))
+    write_text_atomically(out_dir / "config.json",
+                          json.dumps(hf_config(config, dtype), indent=2) + "\n")
     return out_dir
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

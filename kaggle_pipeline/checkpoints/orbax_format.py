@@ -19,10 +19,7 @@ tensor is read whole and kept until all its layers are placed).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,7 +35,8 @@ from kaggle_pipeline.checkpoints.common import (
     flatten,
     require_file,
 )
-from kaggle_pipeline.config import PRESETS, ModelConfig
+from kaggle_pipeline.files import atomic_directory
+from kaggle_pipeline.model.config import PRESETS, ModelConfig
 
 FLAT_PREFIX = "transformer/"
 # In the FLAT layout the MLP weights sit one level deeper, under 'w'.
@@ -284,21 +282,8 @@ def save_orbax(params: Mapping, path: str | Path, layout: str = "flat",
         lambda x: np.asarray(x).astype(jnp.dtype(dtype)))
     tree = jax.tree.map(to_numpy, tree)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def fill(staging: Path) -> None:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            checkpointer.save(staging / "ckpt", tree)
-        old = None
-        if path.exists():  # swap: the old checkpoint goes only once the new one is in place
-            old = staging / "old"
-            os.replace(path, old)
-        try:
-            os.replace(staging / "ckpt", path)
-        except OSError:
-            if old is not None:
-                os.replace(old, path)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+            checkpointer.save(staging, tree, force=True)  # force: into the empty staging dir
+
+    return atomic_directory(path, fill)

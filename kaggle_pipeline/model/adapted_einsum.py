@@ -11,7 +11,7 @@ Two ways to compute the same thing:
 
 The subscripts of A and B follow from the projection's: A maps x's contracted dimensions to
 the rank r, B maps r to the weight's output dimensions (q: "BTD,NDH->BTNH" gives A "Dr",
-B "rNH", as in `kaggle_pipeline.lora`).
+B "rNH", as in `kaggle_pipeline.model.lora`).
 """
 
 from __future__ import annotations

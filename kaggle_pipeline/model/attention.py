@@ -6,9 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model import kv_cache
-from kaggle_pipeline.model.layers import Einsum, RMSNorm, project
+from kaggle_pipeline.model.config import AttentionKind, ModelConfig
+from kaggle_pipeline.model.layers import Adaptation, Einsum, RMSNorm, project
+from kaggle_pipeline.model.lora import target
 from kaggle_pipeline.model.rope import apply_rope
 
 # The official fill value for masked logits (finite, so fully-masked rows stay NaN-free).
@@ -19,9 +20,7 @@ class Attention(nn.Module):
     config: ModelConfig
     kind: AttentionKind
     dtype: jnp.dtype = jnp.float32
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
+    adapt: Adaptation = Adaptation()
 
     def setup(self):
         c = self.config
@@ -35,21 +34,16 @@ class Attention(nn.Module):
             self._query_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
             self._key_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
 
-    def _adapted(self, name: str, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        return project(self, name, eqn, x.astype(self.dtype), w, scale=self.lora_scale,
-                       dropout=self.lora_dropout, deterministic=self.deterministic)
+    def _adapted(self, name: str, x: jax.Array) -> jax.Array:
+        """Projection `name` (a row of lora.TARGETS) of x, with its LoRA update if any."""
+        row = target(name, self.config)
+        w = getattr(self, row.weight.split("/")[0]).weight
+        w = w if row.index is None else w[row.index]
+        return project(self, name, row.eqn, x.astype(self.dtype), w, self.adapt)
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         # One matmul per projection, each with its own LoRA factors (PEFT's q/k/v_proj).
-        if self.config.use_qkv_einsum:
-            w = self.qkv_einsum.weight
-            return tuple(self._adapted(name, "BTD,NDH->BTNH", x, w[i])
-                         for i, name in enumerate(("q", "k", "v")))
-        q = self._adapted("q", "BTD,NDH->BTNH", x, self.q_einsum.weight)
-        kv = self.kv_einsum.weight
-        k = self._adapted("k", "BTD,KDH->BTKH", x, kv[0])
-        v = self._adapted("v", "BTD,KDH->BTKH", x, kv[1])
-        return q, k, v
+        return self._adapted("q", x), self._adapted("k", x), self._adapted("v", x)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
@@ -94,5 +88,5 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v.astype(self.dtype))
         encoded = encoded.reshape(b, t, n, h)
-        out = self._adapted("o", "BTNH,NHD->BTD", encoded, self.attn_vec_einsum.weight)
+        out = self._adapted("o", encoded)
         return out, new_cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.config import AttentionKind, ModelConfig
+from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 
 LayerCache = dict[str, jax.Array]
 Cache = dict[str, LayerCache]

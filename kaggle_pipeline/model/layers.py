@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,8 +41,17 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
 
 
-def project(module: nn.Module, name: str, eqn: str, x: jax.Array, w: jax.Array, *,
-            scale: float, dropout: float, deterministic: bool) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """How the LoRA factors a module finds in the `lora` collection are applied."""
+
+    scale: float = 1.0  # alpha / rank
+    dropout: float = 0.0  # on the low-rank path's input, when not deterministic
+    deterministic: bool = True
+
+
+def project(module: nn.Module, name: str, eqn: str, x: jax.Array, w: jax.Array,
+            adapt: Adaptation) -> jax.Array:
     """einsum(eqn, x, w), plus scale * B(A(dropout(x))) if the module holds LoRA factors `name`.
 
     The factors live in the `lora` collection as {name: {"a": ..., "b": ...}}; their presence,
@@ -50,11 +61,11 @@ def project(module: nn.Module, name: str, eqn: str, x: jax.Array, w: jax.Array, 
         return jnp.einsum(eqn, x, w.astype(x.dtype))
     factors = module.get_variable(LORA, name)
     a, b = factors["a"], factors["b"]
-    if dropout > 0.0 and not deterministic:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
-        dropped = jnp.where(keep, x / (1.0 - dropout), 0.0)
+    if adapt.dropout > 0.0 and not adapt.deterministic:
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - adapt.dropout, x.shape)
+        dropped = jnp.where(keep, x / (1.0 - adapt.dropout), 0.0)
         return jnp.einsum(eqn, x, w.astype(x.dtype)) + adapted_einsum.lora_update(
-            eqn, dropped, a, b, scale)
+            eqn, dropped, a, b, adapt.scale)
     if x.dtype == jnp.float32:
-        return adapted_einsum.merged(eqn, x, w, a, b, scale)
-    return adapted_einsum.separate(eqn, x, w, a, b, scale)
+        return adapted_einsum.merged(eqn, x, w, a, b, adapt.scale)
+    return adapted_einsum.separate(eqn, x, w, a, b, adapt.scale)

@@ -6,26 +6,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model import kv_cache
 from kaggle_pipeline.model.attention import Attention
+from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model.feed_forward import FeedForward
-from kaggle_pipeline.model.layers import RMSNorm
+from kaggle_pipeline.model.layers import Adaptation, RMSNorm
 
 
 class Block(nn.Module):
     config: ModelConfig
     kind: AttentionKind
     dtype: jnp.dtype = jnp.float32
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
+    adapt: Adaptation = Adaptation()
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, lengths=None):
         c = self.config
-        lora = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                    deterministic=self.deterministic, dtype=self.dtype)
+        lora = dict(adapt=self.adapt, dtype=self.dtype)
         norm = dict(eps=c.norm_eps, dtype=self.dtype)
         h = RMSNorm(name="pre_attention_norm", **norm)(x)
         h, cache = Attention(c, self.kind, name="attn", **lora)(h, positions, mask, cache, lengths)
@@ -61,12 +58,9 @@ class Transformer(nn.Module):
             "embedder", lambda rng: {"input_embedding": 0.02 * jax.random.normal(
                 rng, (c.vocab_size, c.embed_dim))})
         block = nn.remat(Block) if self.remat else Block
-        self.blocks = [
-            block(c, kind, dtype=self.dtype, lora_scale=self.lora_scale,
-                  lora_dropout=self.lora_dropout, deterministic=self.deterministic,
-                  name=f"layer_{i}")
-            for i, kind in enumerate(c.attention_kinds)
-        ]
+        adapt = Adaptation(self.lora_scale, self.lora_dropout, self.deterministic)
+        self.blocks = [block(c, kind, dtype=self.dtype, adapt=adapt, name=f"layer_{i}")
+                       for i, kind in enumerate(c.attention_kinds)]
         self.final_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from kaggle_pipeline.chat_template import Turn, encode_conversation
-from kaggle_pipeline.loss import add_target_slots, max_targets_per_row, target_logprobs
+from kaggle_pipeline.data.chat_template import Turn, encode_conversation
+from kaggle_pipeline.data.packing import batches, pack
+from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.model import Transformer
-from kaggle_pipeline.packing import batches, pack
-from kaggle_pipeline.tokenizer import Tokenizer
+from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row, target_logprobs
 
 
 def answer_only(targets: np.ndarray) -> np.ndarray:
@@ -63,26 +63,3 @@ def score_labels(model: Transformer, variables: dict, tokenizer: Tokenizer,
         owner = np.take_along_axis(batch["example_index"], batch["loss_src"] + 1, axis=1)
         np.add.at(totals, owner[batch["loss_valid"]], lp[batch["loss_valid"]])
     return totals.reshape(len(prompts), len(label_words))
-
-
-def best_threshold(margins: np.ndarray, positive: np.ndarray) -> float:
-    """The cut on margin = score(positive) - score(negative) with the highest accuracy; ties go
-    to the cut nearest 0 (the uncalibrated decision)."""
-    values = np.sort(np.unique(margins))
-    cuts = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
-    accuracy = np.array([np.mean((margins > c) == positive) for c in cuts])
-    best = np.flatnonzero(accuracy == accuracy.max())
-    return float(cuts[best[np.argmin(np.abs(cuts[best]))]])
-
-
-def cross_fitted_accuracy(margins: np.ndarray, positive: np.ndarray, folds: int = 2,
-                          seed: int = 0) -> float:
-    """Accuracy of the calibrated decision where each row's threshold was fit on the other
-    folds only: an honest estimate of what calibration buys on unseen data."""
-    order = np.random.default_rng(seed).permutation(len(margins))
-    correct = 0
-    for fold in np.array_split(order, folds):
-        rest = np.setdiff1d(order, fold)
-        cut = best_threshold(margins[rest], positive[rest])
-        correct += int(np.sum((margins[fold] > cut) == positive[fold]))
-    return correct / len(margins)

@@ -26,20 +26,19 @@ from typing import Any
 
 import polars as pl
 
-from kaggle_pipeline import records
-from kaggle_pipeline.chat_template import Style, Turn
+from kaggle_pipeline.data import records
+from kaggle_pipeline.data.chat_template import Style, Turn
+from kaggle_pipeline.errors import UserError
 
 Conversation = list[Turn]
 
 KINDS = ("classification", "generation")
 STYLES = ("chat", "plain")  # chat_template's styles
-READERS = ("tarr", "dolly", "aihub-dialogue", "aihub-parallel", "aihub-summarization",
-           "aihub-qa")
 LANGUAGES = {"ko": "Korean", "en": "English", "zh": "Chinese", "ja": "Japanese"}
 DEFAULT_TASK = "tarr-sentiment"
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A prompt or answer template that does not fit the task's columns."""
 
 
@@ -91,7 +90,7 @@ def render(template: str, row: dict[str, Any]) -> str:
 class TaskSpec:
     name: str
     kind: str  # "classification" | "generation"
-    reader: str  # one of READERS
+    reader: str  # a key of READER_TABLE
     prompt: str | None  # user text, `{column}` placeholders; None for dialogue
     answer: str | None = None  # model text for generation tasks
     style: Style = "chat"  # how chat_template renders the turns, one of STYLES
@@ -107,7 +106,7 @@ class TaskSpec:
     def __post_init__(self):
         for value, allowed, what in ((self.kind, KINDS, "kind"),
                                      (self.style, STYLES, "style"),
-                                     (self.reader, READERS, "reader")):
+                                     (self.reader, tuple(READER_TABLE), "reader")):
             if value not in allowed:
                 raise ValueError(f"task {self.name!r}: {what} {value!r}, expected one of "
                                  f"{', '.join(allowed)}")
@@ -226,29 +225,56 @@ def get_task(name: str = DEFAULT_TASK, **options) -> TaskSpec:
 # ----------------------------------------------------------------------------- records
 
 
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """How a task's files become records: `read(spec, paths, labelled, on_bad_row)` with
+    exactly `files` paths, which `files_described` names in error messages."""
+
+    read: Callable[[TaskSpec, tuple[str | os.PathLike, ...], bool, str], records.ReadResult]
+    files: int = 1
+    files_described: str = "one file"
+
+    def describe_files(self) -> str:
+        return self.files_described
+
+
+def _columns(spec: TaskSpec) -> dict[str, str] | None:
+    return spec.columns or None
+
+
+READER_TABLE: dict[str, Reader] = {
+    "tarr": Reader(lambda spec, paths, labelled, bad: records.read_tarr(
+        paths[0], labelled=labelled, labels=tuple(spec.label_map or ()),
+        columns=_columns(spec), on_bad_row=bad)),
+    "dolly": Reader(lambda spec, paths, labelled, bad: records.read_dolly_pairs(
+        paths[0], paths[1], on_bad_row=bad), files=2,
+        files_described="two files, English and Korean JSON lines, written "
+                        "'english.jsonl,korean.jsonl'"),
+    "aihub-dialogue": Reader(lambda spec, paths, labelled, bad: records.read_aihub_dialogue(
+        paths[0], on_bad_row=bad)),
+    "aihub-parallel": Reader(lambda spec, paths, labelled, bad: records.read_parallel(
+        paths[0], languages=(spec.source_lang, spec.target_lang), columns=_columns(spec),
+        labelled=labelled, on_bad_row=bad)),
+    "aihub-summarization": Reader(lambda spec, paths, labelled, bad: records.read_summarization(
+        paths[0], columns=_columns(spec), labelled=labelled, on_bad_row=bad)),
+    "aihub-qa": Reader(lambda spec, paths, labelled, bad: records.read_qa(
+        paths[0], columns=_columns(spec), labelled=labelled, on_bad_row=bad)),
+}
+
+
+def reader_of(spec: TaskSpec) -> Reader:
+    return READER_TABLE[spec.reader]
+
+
 def load_records(spec: TaskSpec, path: str | os.PathLike | Sequence[str | os.PathLike], *,
                  labelled: bool = True, on_bad_row: str = "error") -> records.ReadResult:
-    """Read a task's file with its reader. Dolly takes a pair of paths: (English, Korean)."""
-    if spec.reader == "dolly":
-        if isinstance(path, (str, os.PathLike)) or len(path) != 2:
-            raise ValueError(f"task {spec.name!r} reads two files, (English, Korean) JSON "
-                             f"lines; got {path!r}")
-        return records.read_dolly_pairs(path[0], path[1], on_bad_row=on_bad_row)
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"task {spec.name!r} reads one file, got {path!r}")
-    columns = spec.columns or None
-    if spec.reader == "tarr":
-        return records.read_tarr(path, labelled=labelled, labels=tuple(spec.label_map or ()),
-                                 columns=columns, on_bad_row=on_bad_row)
-    if spec.reader == "aihub-dialogue":
-        return records.read_aihub_dialogue(path, on_bad_row=on_bad_row)
-    if spec.reader == "aihub-parallel":
-        return records.read_parallel(path, languages=(spec.source_lang, spec.target_lang),
-                                     columns=columns, labelled=labelled, on_bad_row=on_bad_row)
-    if spec.reader == "aihub-summarization":
-        return records.read_summarization(path, columns=columns, labelled=labelled,
-                                          on_bad_row=on_bad_row)
-    return records.read_qa(path, columns=columns, labelled=labelled, on_bad_row=on_bad_row)
+    """Read a task's file(s) with its reader: one path, or a sequence of as many as it reads
+    (Dolly: English, Korean)."""
+    reader = reader_of(spec)
+    paths = (path,) if isinstance(path, (str, os.PathLike)) else tuple(path)
+    if len(paths) != reader.files:
+        raise ValueError(f"task {spec.name!r} reads {reader.describe_files()}; got {path!r}")
+    return reader.read(spec, paths, labelled, on_bad_row)
 
 
 # ----------------------------------------------------------------------------- conversations

@@ -15,10 +15,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from kaggle_pipeline import sharding as shd
 from kaggle_pipeline.checkpoints.common import flatten
-from kaggle_pipeline.loss import sequence_loss
 from kaggle_pipeline.model import Transformer
+from kaggle_pipeline.model import sharding as shd
+from kaggle_pipeline.model.loss import sequence_loss
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
 # Set by `put_batch`: per row (all equal), what the summed token loss is multiplied by.

@@ -40,6 +40,8 @@ from typing import Any
 
 import polars as pl
 
+from kaggle_pipeline.errors import UserError
+
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                   ".json": "json", ".parquet": "parquet"}
@@ -50,7 +52,7 @@ DOLLY_TEXT_FIELDS = ("instruction", "context", "response")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A file that cannot be used as it is; the message names the file, the row and the field."""
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kaggle_pipeline.model.lora import TARGETS
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # logical axis -> mesh axis (or axes, or None for replicated)
@@ -63,7 +65,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
 def logical_axes(path: str, ndim: int, transpose_gating: bool = False) -> tuple[str | None, ...]:
     if re.search(r"mlp/gating_einsum$", path):
         return ("stack", "mlp", "embed") if transpose_gating else ("stack", "embed", "mlp")
-    if "/lora/" in f"/{path}" or re.search(r"/(q|k|v|o|gate|up|down)/(a|b)$", path):
+    if "/lora/" in f"/{path}" or re.search(rf"/({'|'.join(TARGETS)})/(a|b)$", path):
         return ("lora",) * ndim
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):

@@ -141,11 +141,6 @@ def roc_auc(y_true: Sequence[int | bool], scores: Sequence[float]) -> float:
     return float(u_stat / (n_pos * n_neg))
 
 
-def classification_scores(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
-                          labels: Sequence[Hashable] | None = None) -> dict[str, float]:
-    return {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred, labels)}
-
-
 # ---------------------------------------------------------------- script / language check
 
 SCRIPTS = ("hangul", "latin", "han", "kana", "other")

@@ -22,13 +22,14 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from kaggle_pipeline.files import write_atomically
 
 _Piece = sp_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # how SentencePiece spells a space inside a piece
@@ -87,15 +88,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `serialized()` to `path` atomically (a loadable `tokenizer.model`)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.serialized())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda tmp: tmp.write_bytes(self.serialized()))
 
     # -- encoding ---------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from kaggle_pipeline.tokenizer import Tokenizer
+from kaggle_pipeline.data.tokenizer import Tokenizer
 
 Role = Literal["user", "model"]
 Style = Literal["chat", "plain"]

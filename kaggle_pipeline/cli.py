@@ -13,6 +13,7 @@ from tqdm import tqdm
 from kaggle_pipeline.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class Stop(Exception):
@@ -30,7 +31,8 @@ def log(message: str) -> None:
 
 def run_command(body: Callable[[], object]) -> int:
     """Runs a command's body: its exit code when it returns one (else 0), 2 with one line on a
-    user error, the Stop's own code when it stops early. Bugs keep their traceback."""
+    user error, the Stop's own code when it stops early, 130 for a Ctrl-C outside the training
+    loop (which saves first and stops itself). Bugs keep their traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         result = body()
@@ -38,9 +40,19 @@ def run_command(body: Callable[[], object]) -> int:
         print(f"\n{stop}", file=sys.stderr, flush=True)
         return stop.exit_code
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _one_line(message: str, limit: int = 600) -> str:
+    """A user error as one line of bounded length: a row's text quoted in it must not flood the
+    terminal."""
+    line = " ".join(message.strip().splitlines())
+    return line if len(line) <= limit else line[:limit - 5] + " ..."
 
 
 class _LineProgress:

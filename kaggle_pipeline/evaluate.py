@@ -1,8 +1,8 @@
 """Score predictions against references; write a Markdown report with PNG plots.
 
-    python -m kaggle_pipeline.evaluate --predictions P [--references R] [--task NAME]
-        [--kind classification|generation] [--run RUN_DIR] [--out DIR]
-    python -m kaggle_pipeline.evaluate --config run.toml [section.key=value ...] [--out DIR]
+    python -m kaggle_pipeline.evaluate [--config run.toml] [section.key=value ...] [--out DIR]
+    python -m kaggle_pipeline.evaluate --predictions P [--references R] [--task NAME |
+        --config run.toml] [--kind classification|generation] [--run RUN_DIR] [--out DIR]
 
 Files. `P` is a CSV/TSV with an `id` column: a submission (the predictions are its last
 column, e.g. `label` or `ko`) or a run's `validation_predictions.csv` (column `prediction`, and
@@ -59,10 +59,30 @@ def _read_text_table(path: Path, what: str):
     if path.suffix.lower() not in (".csv", ".tsv"):
         raise EvaluationError(f"{path}: {what} must be a .csv or .tsv file (or give --task to "
                               "read references with the task's reader)")
-    frame = read_sample(path)
+    try:
+        frame = read_sample(path)
+    except Exception as err:  # noqa: BLE001 -- polars raises several kinds for a broken file
+        raise EvaluationError(f"{path}: cannot read it as a "
+                              f"{path.suffix.lstrip('.').upper()} file ({err})") from None
     if ID_COLUMN not in frame.columns:
-        raise EvaluationError(f"{path}: no column {ID_COLUMN!r} (columns: {frame.columns})")
+        raise EvaluationError(f"{path}: no column {ID_COLUMN!r}; the file has columns: "
+                              f"{', '.join(repr(c) for c in frame.columns)}"
+                              f"{_separator_hint(path, frame.columns)}")
     return frame
+
+
+def _separator_hint(path: Path, columns: Sequence[str]) -> str:
+    """A header read as one column holding the other separator: the file's format is not its
+    suffix's."""
+    if len(columns) != 1:
+        return ""
+    other = {".tsv": (",", "comma", ".csv"), ".csv": ("\t", "tab", ".tsv")}.get(
+        path.suffix.lower())
+    if other and other[0] in columns[0]:
+        return (f" (one column holding {other[1]}s: the file is {other[1]}-separated; name it "
+                f"{path.with_suffix(other[2]).name} or save it with the separator its suffix "
+                "says)")
+    return ""
 
 
 def _keyed(path: Path, ids: Sequence, values: Sequence, field: str) -> dict[str, str]:
@@ -140,14 +160,22 @@ def align(predictions: dict[str, str], references: dict[str, str], predictions_p
     return ids, [predictions[i] for i in ids], [references[i] for i in ids]
 
 
-def infer_kind(predictions: Sequence[str], references: Sequence[str]) -> str:
-    """Classification when the references are a small set of repeated values (labels) and
-    every prediction is one of them; anything else is text to score as generation."""
-    values = set(references)
-    if len(values) <= MAX_CLASSES and len(values) < len(references) \
-            and set(predictions) <= values:
+MAX_LABEL_LENGTH = 30  # longer values are texts, not label names
+
+
+def infer_kind(predictions: Sequence[str], references: Sequence[str],
+               where: str = "the files") -> str:
+    """Classification when the values are a few short labels (at most MAX_CLASSES, repeated or
+    whole numbers), generation when they are texts (long, or many different ones); refuses to
+    guess in between."""
+    values = set(references) | set(predictions)
+    short = all(len(v) <= MAX_LABEL_LENGTH and "\n" not in v for v in values)
+    if not short or len(values) > MAX_CLASSES:
+        return "generation"
+    if len(values) < len(references) or all(v.strip().lstrip("-").isdigit() for v in values):
         return "classification"
-    return "generation"
+    raise EvaluationError(f"{where}: cannot tell whether {sorted(values)[:5]} are labels or "
+                          "texts; give --kind classification|generation or --task")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -166,7 +194,7 @@ def score_classification(predictions: Sequence[str], references: Sequence[str],
         raise EvaluationError(f"predictions {outside} are not labels of the task ({labels})")
     names = [str(n) for n in (names or labels)]
     values = validation.classification_metrics(references, predictions, labels, names)
-    return validation.classification_evaluation(values, names)
+    return validation.classification_evaluation(values, names, labels)
 
 
 def score_generation(predictions: Sequence[str], references: Sequence[str],
@@ -201,19 +229,22 @@ def write_evaluation(out_dir: str | os.PathLike, evaluation: Evaluation, *, task
         if not loss.is_file():
             raise EvaluationError(f"{run_dir}: no metrics.jsonl (not a training run directory)")
     return write_report(out_dir, metrics=evaluation.metrics, confusion=evaluation.confusion,
-                        labels=evaluation.labels, loss_curve_jsonl=loss,
+                        labels=evaluation.labels, label_values=evaluation.label_values,
+                        loss_curve_jsonl=loss,
                         per_task={task: evaluation.headline}, title=title)
 
 
 def evaluate_files(predictions: str | os.PathLike, references: str | None = None, *,
                    task: str | None = None, kind: str | None = None,
                    run_dir: str | os.PathLike | None = None,
-                   out: str | os.PathLike | None = None) -> Path:
-    """Score a predictions file against references and write the report; returns its path."""
+                   out: str | os.PathLike | None = None, spec=None) -> Path:
+    """Score a predictions file against references and write the report; returns its path.
+    The task is `spec` (a run config's), else the built-in `task`, else none."""
     from kaggle_pipeline.data.tasks import get_task
 
     predictions = Path(predictions)
-    spec = get_task(task) if task else None
+    if spec is None and task:
+        spec = get_task(task)
     columns = _read_text_table(predictions, "predictions").columns
     column = None
     if spec is not None:
@@ -232,19 +263,18 @@ def evaluate_files(predictions: str | os.PathLike, references: str | None = None
     ids, hyps, refs = align(predicted, referenced, predictions, column)
     if spec is not None:
         kind = kind or spec.kind
-    kind = kind or infer_kind(hyps, refs)
+    kind = kind or infer_kind(hyps, refs, f"{predictions} and {references or predictions}")
     evaluation = score(kind, hyps, refs, spec)
     name = spec.name if spec else predictions.stem
     out = Path(out) if out else predictions.parent / f"{predictions.stem}-report"
-    title = f"{name}: {predictions.name} ({kind}, {len(ids)} examples)"
+    title = f"{predictions.name} ({kind}, {len(ids)} examples)"
+    title = title if name == predictions.stem else f"{name}: {title}"
     return write_evaluation(out, evaluation, task=name, title=title, run_dir=run_dir)
 
 
 def validation_examples(cfg, spec) -> list:
     """The run's validation split, exactly as training drew it."""
-    from kaggle_pipeline.train import read_examples
-
-    _, valid = read_examples(cfg, spec)
+    _, valid = run_setup.read_examples(cfg, spec)
     if not valid:
         raise EvaluationError(f"{cfg.data.train}: the validation split is empty "
                               f"(data.validation_fraction = {cfg.data.validation_fraction})")
@@ -256,8 +286,13 @@ def evaluate_run(cfg, out: str | os.PathLike | None = None) -> Path:
     from kaggle_pipeline import predict
 
     spec = run_setup.task_spec(cfg)
+    run_setup.trained_path(cfg)  # a run that saved nothing fails before the data is read
+    run_setup.check_trained_from(cfg, spec)
     examples = validation_examples(cfg, spec)
-    model, variables, tokenizer = run_setup.load_trained(cfg)
+    limit = run_setup.validation_size(cfg, spec)
+    examples = examples[:limit] if limit is not None else examples
+    model, variables, tokenizer = run_setup.load_trained(cfg, spec.style)
+    run_setup.check_tokenizer(tokenizer, model.config, spec.style)
     if spec.kind == "classification":
         log(f"scoring {len(examples)} validation examples")
         result, decided = predict.validate_classification(model, variables, tokenizer, spec,
@@ -265,12 +300,13 @@ def evaluate_run(cfg, out: str | os.PathLike | None = None) -> Path:
         truth = [e.label for e in examples]
         validation.write_table(cfg.run_dir / validation.VALIDATION_FILE, {
             "id": [e.id for e in examples], "prediction": decided, "reference": truth})
-        evaluation = validation.classification_evaluation(result, list(spec.label_map.values()))
+        evaluation = validation.classification_evaluation(result, list(spec.label_map.values()),
+                                                          list(spec.label_map))
     else:
         evaluation = validation.generation_evaluation(predict.validate_generation(
             model, variables, tokenizer, spec, examples, cfg))
     out = Path(out) if out else cfg.run_dir / "evaluation"
-    title = f"{spec.name}: {cfg.output.name} (validation, {evaluation.metrics['n']} examples)"
+    title = predict.report_title(cfg, spec, f"validation, {evaluation.metrics['n']} examples")
     has_losses = (cfg.run_dir / "metrics.jsonl").is_file()
     return write_evaluation(out, evaluation, task=spec.name, title=title,
                             run_dir=cfg.run_dir if has_losses else None)
@@ -286,22 +322,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a built-in task: its reader, label set and kind")
     parser.add_argument("--kind", choices=KINDS, help="override the kind")
     parser.add_argument("--run", type=Path, help="a run directory: adds its loss curve")
-    parser.add_argument("--config", help="evaluate this run config's validation split")
+    parser.add_argument("--config", help="a run config: without --predictions, evaluate its "
+                        "run's validation split (default: the main job's); with it, its task")
     parser.add_argument("--out", type=Path, help="report directory")
-    parser.add_argument("overrides", nargs="*", help="with --config: section.key=value")
+    parser.add_argument("overrides", nargs="*", help="section.key=value of the run config")
     args = parser.parse_args(argv)
-    if (args.config is None) == (args.predictions is None):
-        parser.error("give either --predictions or --config")
-    if args.overrides and args.config is None:
-        parser.error("section.key=value overrides go with --config")
+    if args.predictions is None:
+        for flag in ("references", "task", "kind", "run"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} goes with --predictions")
+    if args.task and (args.config or args.overrides):
+        parser.error("give the task by --task or by the run config, not both")
     from kaggle_pipeline.run_config import load_config
 
     def body() -> None:
-        if args.config is not None:
+        if args.predictions is None:
             report = evaluate_run(load_config(args.config, args.overrides), args.out)
         else:
+            spec = None
+            if args.config or args.overrides:
+                spec = run_setup.task_spec(load_config(args.config, args.overrides))
             report = evaluate_files(args.predictions, args.references, task=args.task,
-                                    kind=args.kind, run_dir=args.run, out=args.out)
+                                    kind=args.kind, run_dir=args.run, out=args.out, spec=spec)
         print(f"report: {report}")
 
     return run_command(body)

@@ -2,13 +2,18 @@
 
 Loads the base model and what the run trained (`<output.dir>/<output.name>/adapter`, or
 `model/` after full fine-tuning), predicts the task's test file and writes
-`<output.submissions>/<task>-<timestamp>.<csv|tsv>`. Training ends with the same steps
-(`evaluate_and_submit`): validation metrics, then the test predictions, then the report.
+`<output.submissions>/<output.name>-<timestamp>.<csv|tsv>` (recorded in the run's
+summary.json). Training ends with the same steps (`evaluate_and_submit`): validation metrics,
+then the test predictions, then the report.
+
+Before any weight is read, the test file and the sample submission are read and checked, and
+the run's identity (base checkpoint and training settings) is compared with the config's.
 
 Classification scores every label's words (inference/label_scoring.py), so a prediction is always
 a valid label; a binary task uses the threshold calibrated on validation (the run's
-summary.json). Generation decodes greedily in batches of similar length (inference/sampler.py)
-until <end_of_turn> or <eos>.
+summary.json; a run that stopped before writing it has the threshold recomputed from the
+validation split, which the seed fixes). Generation decodes in batches of similar length
+(inference/sampler.py) until <end_of_turn> or <eos>, at most task.max_new_tokens tokens.
 
 Input files: `data.train` / `data.test` name one file, except for Dolly, whose reader aligns two
 (English, Korean): write them as "english.jsonl,korean.jsonl".
@@ -17,21 +22,22 @@ Input files: `data.train` / `data.test` name one file, except for Dolly, whose r
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from kaggle_pipeline import run_setup
 from kaggle_pipeline.cli import log, run_command
-from kaggle_pipeline.data.tasks import Example, TaskSpec, build_examples, load_records
+from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import validation
-from kaggle_pipeline.inference.predictions import MAX_NEW_TOKENS, classify, decide, generate
+from kaggle_pipeline.files import write_text_atomically
+from kaggle_pipeline.inference.predictions import classify, decide, generate
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.run_config import RunConfig, load_config
 from kaggle_pipeline.submission import write_task_submission
 
-# Validation of a generation task decodes at most this many examples (decoding is the slow part).
-VALIDATION_LIMIT = 256
+SUMMARY_FILE = "summary.json"
 
 
 def classification_scores(model: Transformer, variables: dict, tokenizer: Tokenizer,
@@ -39,6 +45,16 @@ def classification_scores(model: Transformer, variables: dict, tokenizer: Tokeni
     """[n, num_labels] label scores with the run's packing sizes."""
     return classify(model, variables, tokenizer, spec, examples, seq_len=cfg.data.seq_len,
                     batch_size=cfg.data.batch_size * 2)
+
+
+def _capped(examples: Sequence[Example], cfg: RunConfig, spec: TaskSpec) -> list[Example]:
+    """The first task.validation_size examples (the split is already shuffled)."""
+    limit = run_setup.validation_size(cfg, spec)
+    chosen = list(examples)[:limit] if limit is not None else list(examples)
+    if len(chosen) < len(examples):
+        log(f"validating on the first {len(chosen)} of {len(examples)} validation examples "
+            "(task.validation_size)")
+    return chosen
 
 
 def validate_classification(model: Transformer, variables: dict, tokenizer: Tokenizer,
@@ -49,25 +65,32 @@ def validate_classification(model: Transformer, variables: dict, tokenizer: Toke
     scores = classification_scores(model, variables, tokenizer, spec, examples, cfg)
     result = validation.calibrated_classification(scores, [e.label for e in examples], labels,
                                                   list(spec.label_map.values()))
-    return result, decide(scores, labels, result["threshold"])
+    return validation.with_headline(result, spec.metric), decide(scores, labels,
+                                                                 result["threshold"])
+
+
+def generate_answers(model: Transformer, variables: dict, tokenizer: Tokenizer, spec: TaskSpec,
+                     examples: Sequence[Example], cfg: RunConfig) -> list[str]:
+    """The answers to the examples' prompts, decoded as [task] says (run_setup.sampling_config).
+    """
+    sampling = run_setup.sampling_config(cfg)
+    return generate(model, variables, tokenizer, spec, examples,
+                    max_new_tokens=sampling.max_new_tokens, batch_size=cfg.data.batch_size)
 
 
 def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenizer,
-                        spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig, *,
-                        limit: int = VALIDATION_LIMIT, max_new_tokens: int = MAX_NEW_TOKENS,
-                        ) -> dict:
-    """Generate the validation answers (the first `limit` examples; the split is already
-    shuffled), score them against the references and write them with the references to
-    `<run dir>/validation_predictions.csv`. Returns the metrics and that file's path."""
-    chosen = [e for e in examples if e.answer is not None][:limit]
+                        spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig) -> dict:
+    """Generate the validation answers, score them against the references and write them with
+    the references to `<run dir>/validation_predictions.csv`. Returns the metrics and that
+    file's path."""
+    chosen = [e for e in examples if e.answer is not None]
     if not chosen:
         raise ValueError(f"task {spec.name!r}: no validation example has a reference answer")
-    log(f"generating {len(chosen)} validation answers"
-        + (f" (the first {limit} of {len(examples)})" if len(examples) > limit else ""))
-    predictions = generate(model, variables, tokenizer, spec, chosen,
-                           max_new_tokens=max_new_tokens, batch_size=cfg.data.batch_size)
+    log(f"generating {len(chosen)} validation answers")
+    predictions = generate_answers(model, variables, tokenizer, spec, chosen, cfg)
     references = [e.answer for e in chosen]
     result = validation.generation_metrics(predictions, references, spec.target_lang)
+    result = validation.with_headline(result, spec.metric)
     path = validation.write_table(cfg.run_dir / validation.VALIDATION_FILE, {
         "id": [e.id for e in chosen], "prediction": predictions, "reference": references})
     result["predictions_file"] = str(path)
@@ -80,33 +103,52 @@ def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenize
 
 def predict_test(model: Transformer, variables: dict, tokenizer: Tokenizer, spec: TaskSpec,
                  cfg: RunConfig, threshold: float = 0.0, *,
-                 max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
-    """The test file's predictions, written as the submission; returns its path."""
+                 examples: Sequence[Example] | None = None) -> Path:
+    """The test file's predictions, written as the submission; returns its path. `examples`:
+    the test file already read (run_setup.read_test), else it is read here."""
+    if examples is None:
+        examples = run_setup.read_test(cfg, spec)
     test_paths = run_setup.input_paths(spec, cfg.data.test, "data.test")
-    test = load_records(spec, test_paths, labelled=False, on_bad_row=cfg.data.on_bad_row)
-    examples = build_examples(spec, test.frame, with_answers=False)
     log(f"predicting {len(examples)} test rows of {cfg.data.test}")
     if spec.kind == "classification":
         predictions = decide(classification_scores(model, variables, tokenizer, spec, examples,
                                                    cfg), list(spec.label_map), threshold)
     else:
-        predictions = generate(model, variables, tokenizer, spec, examples,
-                               max_new_tokens=max_new_tokens, batch_size=cfg.data.batch_size)
+        predictions = generate_answers(model, variables, tokenizer, spec, examples, cfg)
     first = test_paths[0] if isinstance(test_paths, tuple) else test_paths
     return write_task_submission(spec, first, cfg.output.submissions,
-                                 [e.id for e in examples], predictions)
+                                 [e.id for e in examples], predictions,
+                                 run_name=cfg.output.name)
+
+
+def report_title(cfg: RunConfig, spec: TaskSpec, what: str = "") -> str:
+    """`<run name> (<task>)`, the task left out when the run is named after it."""
+    title = cfg.output.name if spec.name == cfg.output.name else \
+        f"{cfg.output.name} ({spec.name})"
+    return f"{title}: {what}" if what else title
+
+
+def report_metrics(values: dict) -> dict:
+    """The numbers of a validation result for the report, the competition's metric first."""
+    numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))
+               and not isinstance(v, bool) and k != "score"}
+    if "metric" in values:
+        return {f"{values['metric']} (task.metric)": values["score"], **numbers}
+    return numbers
 
 
 def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, variables: dict,
-                        tokenizer: Tokenizer, valid_examples: Sequence[Example]) -> dict:
+                        tokenizer: Tokenizer, valid_examples: Sequence[Example], *,
+                        test_examples: Sequence[Example] | None = None) -> dict:
     """After training: validation metrics (and the calibrated threshold), the test predictions
     as a submission, and the run's report. Returns what goes into summary.json."""
     from kaggle_pipeline.evaluation.report import write_report
 
     out: dict = {}
     threshold = 0.0
+    valid_examples = _capped(valid_examples, cfg, spec)
     if spec.kind == "classification" and valid_examples:
-        log(f"scoring {len(valid_examples)} validation reviews")
+        log(f"scoring {len(valid_examples)} validation examples")
         result, _ = validate_classification(model, variables, tokenizer, spec, valid_examples,
                                             cfg)
         threshold = result["threshold"]
@@ -118,26 +160,67 @@ def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, vari
         out["validation"] = validate_generation(model, variables, tokenizer, spec,
                                                 valid_examples, cfg)
     if cfg.data.test:
-        path = predict_test(model, variables, tokenizer, spec, cfg, threshold)
+        path = predict_test(model, variables, tokenizer, spec, cfg, threshold,
+                            examples=test_examples)
         out["submission"] = str(path)
         log(f"submission written: {path}")
     report = write_report(
-        cfg.run_dir / "report", metrics={k: v for k, v in out.get("validation", {}).items()
-                                         if isinstance(v, (int, float))},
+        cfg.run_dir / "report", metrics=report_metrics(out.get("validation", {})),
         confusion=out.get("validation", {}).get("confusion"),
         labels=list(spec.label_map.values()) if spec.label_map else None,
-        loss_curve_jsonl=cfg.run_dir / "metrics.jsonl",
-        title=f"{spec.name}: {cfg.output.name}")
+        label_values=list(spec.label_map) if spec.label_map else None,
+        loss_curve_jsonl=cfg.run_dir / "metrics.jsonl", title=report_title(cfg, spec))
     out["report"] = str(report)
     log(f"report: {report}")
     return out
 
 
+def recomputed_threshold(cfg: RunConfig, spec: TaskSpec, model: Transformer, variables: dict,
+                         tokenizer: Tokenizer) -> float:
+    """The threshold the run would have calibrated: the same validation split (the seed fixes
+    it), scored by the trained model."""
+    _, valid = run_setup.read_examples(cfg, spec)
+    valid = _capped(valid, cfg, spec)
+    if not valid:
+        log("no validation split (data.validation_fraction = 0): threshold 0")
+        return 0.0
+    result, _ = validate_classification(model, variables, tokenizer, spec, valid, cfg)
+    log(f"recomputed the threshold from {len(valid)} validation examples: "
+        f"{result['threshold']:+.3f}")
+    return result["threshold"]
+
+
+def record_submission(cfg: RunConfig, path: Path) -> None:
+    """Add the submission to the run's summary.json (`submissions`, newest last)."""
+    summary_path = cfg.run_dir / SUMMARY_FILE
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    summary["submission"] = str(path)
+    summary.setdefault("submissions", []).append(str(path))
+    write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
+
+
 def predict(cfg: RunConfig) -> Path:
     spec = run_setup.task_spec(cfg)
-    model, variables, tokenizer = run_setup.load_trained(cfg)
+    run_setup.trained_path(cfg)  # a run that saved nothing fails before anything is read
+    run_setup.check_trained_from(cfg, spec)
+    test_examples = run_setup.read_test(cfg, spec)
     threshold = run_setup.saved_threshold(cfg) if spec.kind == "classification" else 0.0
-    path = predict_test(model, variables, tokenizer, spec, cfg, threshold)
+    if threshold is None and len(spec.label_map) == 2:
+        log(f"{cfg.run_dir / SUMMARY_FILE} has no calibrated threshold (the run stopped "
+            "before validating): recomputing it from the validation split")
+    model, variables, tokenizer = run_setup.load_trained(cfg, spec.style)
+    run_setup.check_tokenizer(tokenizer, model.config, spec.style)
+    if threshold is None:
+        threshold = recomputed_threshold(cfg, spec, model, variables, tokenizer) \
+            if len(spec.label_map) == 2 else 0.0
+    path = predict_test(model, variables, tokenizer, spec, cfg, threshold,
+                        examples=test_examples)
+    record_submission(cfg, path)
     log(f"wrote {path}")
     return path
 

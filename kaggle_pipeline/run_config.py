@@ -2,15 +2,24 @@
 
 With no file at all, the defaults are the embedded main job: LoRA on Gemma 3 270M (the GGUF
 from PyPI) for the AIFactory review-sentiment task, on the project's copy of the data.
+
+Every numeric setting has its allowed range (`RANGES`) and every named choice its allowed values
+(`CHOICES`), checked when the config is loaded: a bad value is a `ConfigError` naming the key
+before any file or model is read.
+
+`[task]` defines the task: on top of the preset `data.task` names (each key set replaces the
+preset's value), or on its own when it sets `kind` (then `data.task` is "" and the files are read
+by the generic table reader). Unset keys ("" / no value) keep the preset's or the generic default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from pathlib import Path
 
+from kaggle_pipeline.data.records import FORMATS
+from kaggle_pipeline.data.tasks import LANGUAGES, METRICS, TASK_NAMES
 from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.model.lora import LoraConfig
 from kaggle_pipeline.training.optimizer import OptimConfig
@@ -36,8 +45,8 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    task: str = "tarr-sentiment"
-    prompt: str = ""  # user-turn template with {column} placeholders; "" = the task's own
+    task: str = "tarr-sentiment"  # a built-in task (a preset of [task]); "" = [task] alone
+    prompt: str = ""  # the same as task.prompt (kept for older configs); "" = the task's own
     train: str = "data/tarr/train.tsv"
     test: str = "data/tarr/test.tsv"
     validation_fraction: float = 1 / 3
@@ -63,6 +72,31 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskSection:
+    """The task, key by key; "" or no value means the preset's (or the generic) default."""
+
+    kind: str = ""  # "classification" | "generation"; set: a task of its own, no preset
+    format: str = ""  # csv, tsv, jsonl, json, parquet; "" = from the file's suffix
+    id_column: str = ""  # "" = "id" (a file without it: the row's position)
+    prompt: str = ""  # the user turn, {column} placeholders
+    turns_column: str = ""  # multi-turn chat: a list column of user/model utterances
+    system: str = ""  # a system prompt, put before the first user turn (Gemma has no role)
+    label_column: str = ""  # classification
+    labels: dict[str, str] | None = None  # classification: file value -> the word answered
+    answer: str = ""  # generation: the model turn, {column} placeholders
+    max_new_tokens: int | None = None  # generation budget per answer (default 256)
+    temperature: float | None = None  # 0 = greedy (the default)
+    top_k: int | None = None
+    top_p: float | None = None
+    source_language: str = ""  # translation presets: ko, en, zh, ja
+    target_language: str = ""  # the language answers must be in (mismatch rule, metrics)
+    metric: str = ""  # the competition's metric, reported first
+    submission_columns: tuple[str, ...] = ()  # the submission's columns, the answer's last
+    sample_submission: str = ""  # a sample file: its columns, their order and the id order
+    validation_size: int | None = None  # validation examples predicted at most (gen.: 256)
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputSection:
     dir: str = "runs"
     name: str = "tarr-sentiment"
@@ -73,6 +107,7 @@ class OutputSection:
 class RunConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
+    task: TaskSection = TaskSection()
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10,
                                      weight_decay=0.0, clip_norm=1.0)
@@ -94,31 +129,66 @@ def resolve_input(path: str) -> Path:
 
 
 def _number(convert, value, where: str):
+    kind = "an integer" if convert is int else "a number"
+    if isinstance(value, bool) or (convert is int and isinstance(value, float)):
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}")
     try:
-        return convert(value)
+        number = convert(value)
     except (TypeError, ValueError):
-        kind = "an integer" if convert is int else "a number"
         raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _coerce(value, annotation, where: str):
-    kind = typing.get_origin(annotation) or annotation
-    if annotation in ("float", float) or kind is float:
+    if annotation in ("float | None", "int | None"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        return _number(int if annotation == "int | None" else float, value, where)
+    if annotation in ("float", float):
         return _number(float, value, where)
-    if isinstance(value, str) and annotation in ("bool", bool):
-        if value.lower() in ("true", "1", "yes"):
+    if annotation in ("int", int):
+        return _number(int, value, where)
+    if annotation in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
             return True
-        if value.lower() in ("false", "0", "no"):
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
             return False
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if isinstance(value, str) and annotation in ("int", int):
-        return _number(int, value, where)
-    if isinstance(value, str) and annotation in ("float | None", "int | None"):
-        return None if value.lower() in ("none", "") else _number(float, value, where)
     if "tuple" in str(annotation):
         items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of names, got {value!r}")
         return tuple(str(i).strip() for i in items if str(i).strip())
+    if "dict" in str(annotation):
+        return _table(value, where)
+    if annotation in ("str", str) and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected text, got {value!r}")
     return value
+
+
+def _table(value, where: str) -> dict[str, str] | None:
+    """A TOML table of text -> text; on the command line written as an inline table,
+    e.g. task.labels={"1" = "positive", "0" = "negative"}."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{where}: expected an inline table like {{ \"1\" = \"word\" }}, "
+                              f"got {value!r} ({err})") from None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: expected a non-empty table of value = word, got {value!r}")
+    table = {}
+    for key, word in value.items():
+        if not isinstance(word, (str, int, float)) or isinstance(word, bool):
+            raise ConfigError(f"{where}: {key!r} = {word!r}: expected text")
+        table[str(key)] = str(word)
+    return table
 
 
 def _section(cls, values: dict, name: str):
@@ -128,10 +198,93 @@ def _section(cls, values: dict, name: str):
         raise ConfigError(f"config section [{name}]: unknown key(s) {sorted(unknown)}; "
                           f"known: {sorted(fields)}")
     values = {k: _coerce(v, fields[k].type, f"{name}.{k}") for k, v in values.items()}
+    for field, value in values.items():
+        _check_value(f"{name}.{field}", value)
     try:
         return cls(**values)
     except ValueError as err:  # the section's own checks (e.g. LoRA targets)
         raise ConfigError(f"[{name}]: {err}") from None
+
+
+# key -> (lowest, highest) allowed; None (no value) passes where the default is None.
+RANGES: dict[str, tuple[float, float]] = {
+    "data.validation_fraction": (0.0, 0.9),
+    "data.seq_len": (16, 1 << 20),
+    "data.batch_size": (1, 1 << 16),
+    "lora.rank": (1, 4096),
+    "lora.alpha": (1e-6, 1e6),
+    "lora.dropout": (0.0, 0.9),
+    "optim.learning_rate": (1e-9, 1.0),
+    "optim.warmup_steps": (0, 1 << 30),
+    "optim.weight_decay": (0.0, 10.0),
+    "optim.b1": (0.0, 0.9999),
+    "optim.b2": (0.0, 0.99999),
+    "optim.clip_norm": (1e-6, 1e6),
+    "optim.accumulate_steps": (1, 1 << 16),
+    "optim.end_lr_fraction": (0.0, 1.0),
+    "train.epochs": (1, 10_000),
+    "train.seed": (0, 2**31 - 1),
+    "train.max_steps": (0, 1 << 40),
+    "train.save_every": (1, 1 << 40),
+    "train.keep": (1, 1000),  # 0 would delete the checkpoint a stopped run resumes from
+    "train.mesh_data": (-1, 1 << 16),  # -1: the devices left over
+    "train.mesh_fsdp": (1, 1 << 16),
+    "train.mesh_model": (1, 1 << 16),
+    "task.max_new_tokens": (1, 1 << 16),
+    "task.temperature": (0.0, 100.0),
+    "task.top_k": (1, 1 << 20),
+    "task.top_p": (1e-6, 1.0),
+    "task.validation_size": (1, 1 << 40),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+# key -> the values it may take.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "data.task": ("", *TASK_NAMES),
+    "data.loss_on": ("answer", "label"),
+    "data.on_bad_row": ("error", "skip"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "task.kind": ("", "classification", "generation"),
+    "task.format": ("", *FORMATS),
+    "task.source_language": ("", *LANGUAGES),
+    "task.target_language": ("", *LANGUAGES),
+    "task.metric": ("", *METRICS),
+}
+
+
+def _check_value(key: str, value) -> None:
+    """The key's range (RANGES) or choices (CHOICES); None passes (an unset optional)."""
+    if key in RANGES and value is not None:
+        low, high = RANGES[key]
+        if key == "train.mesh_data" and value == 0:
+            raise ConfigError(f"{key} = 0: use -1 (the devices left over) or a positive count")
+        if not low <= value <= high:
+            raise ConfigError(f"{key} = {value!r} is out of range: allowed {low:g} to {high:g}")
+    if key in CHOICES and value not in CHOICES[key]:
+        allowed = CHOICES[key]
+        listed = ", ".join(repr(a) for a in allowed if a) + (' or ""' if "" in allowed else "")
+        raise ConfigError(f"{key} = {value!r}: expected one of {listed}")
+
+
+def _check_together(cfg: RunConfig) -> None:
+    """The checks that involve several keys."""
+    if cfg.data.prompt and cfg.task.prompt and cfg.data.prompt != cfg.task.prompt:
+        raise ConfigError("data.prompt and task.prompt are both set: keep task.prompt")
+    if cfg.task.kind and cfg.data.task:
+        raise ConfigError(f"data.task = {cfg.data.task!r} (a preset) and task.kind = "
+                          f"{cfg.task.kind!r} (a task of its own) are both set: set data.task "
+                          "= \"\" to define the task in [task], or drop task.kind to adjust "
+                          "the preset")
+    if not cfg.task.kind and not cfg.data.task:
+        raise ConfigError("no task: set data.task to a built-in task "
+                          f"({', '.join(TASK_NAMES)}) or define one with task.kind")
+    if not cfg.model.checkpoint and not cfg.model.preset:
+        raise ConfigError("model.checkpoint is empty: set it, or set model.preset to start from "
+                          "random weights")
+    if not cfg.output.name or Path(cfg.output.name).name != cfg.output.name \
+            or cfg.output.name in (".", ".."):
+        raise ConfigError(f"output.name = {cfg.output.name!r}: expected a plain folder name")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -140,10 +293,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"{path}: not a file (give --config a .toml file)")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
         not_tables = sorted(name for name, values in raw.items() if not isinstance(values, dict))
         if not_tables:
             raise ConfigError(f"{path}: {not_tables} must be [section] tables of key = value")
@@ -158,20 +315,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: "
                           f"{sorted(sections)}")
+    # A [task] of its own needs no preset: data.task then defaults to none.
+    if raw.get("task", {}).get("kind") and "task" not in raw.get("data", {}):
+        raw.setdefault("data", {})["task"] = ""
     default = RunConfig()
     built = {}
     for name in sections:
         current = getattr(default, name)
         merged = {**dataclasses.asdict(current), **raw.get(name, {})}
         built[name] = _section(type(current), merged, name)
-    return RunConfig(**built)
+    cfg = RunConfig(**built)
+    _check_together(cfg)
+    return cfg
+
+
+def _toml_text(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
+        .replace("\t", "\\t") + '"'
 
 
 def to_toml(cfg: RunConfig) -> str:
+    """The config as a TOML file that loads back to the same config (`runs/<name>/config.toml`)."""
     lines = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
-        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+        current = getattr(cfg, section.name)
+        defaults = {f.name: f.default for f in dataclasses.fields(current)}
+        for key, value in dataclasses.asdict(current).items():
+            if value is None and defaults.get(key) is None:
+                continue  # unset, and unset is the default
             if value is None:  # TOML has no null; "none" reads back as None
                 text = '"none"'
             elif isinstance(value, bool):
@@ -179,9 +351,12 @@ def to_toml(cfg: RunConfig) -> str:
             elif isinstance(value, (int, float)):
                 text = repr(value)
             elif isinstance(value, (tuple, list)):
-                text = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+                text = "[" + ", ".join(_toml_text(str(v)) for v in value) + "]"
+            elif isinstance(value, dict):
+                text = "{ " + ", ".join(f"{_toml_text(str(k))} = {_toml_text(str(v))}"
+                                        for k, v in value.items()) + " }"
             else:
-                text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = _toml_text(str(value))
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)

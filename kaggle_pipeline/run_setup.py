@@ -1,6 +1,12 @@
 """What every command sets up from a run config: the task and its input files, the mesh, the base
-model and its tokenizer, and what a finished run trained. The stages below take sizes and
-settings; this is the one place that reads them out of a `RunConfig`."""
+model and its tokenizer, what a run is trained from (its identity) and what a finished run
+trained. The stages below take sizes and settings; this is the one place that reads them out of
+a `RunConfig`.
+
+Checks that need no model come first: `read_test` and `check_inputs` read and validate the
+test file and the sample submission, `check_tokenizer_alone` the tokenizer, all before a
+weight is read; `check_tokenizer` then compares the tokenizer with the loaded model.
+"""
 
 from __future__ import annotations
 
@@ -14,27 +20,75 @@ import jax.numpy as jnp
 
 from kaggle_pipeline.checkpoints import load_checkpoint
 from kaggle_pipeline.checkpoints.adapter import load_adapter
+from kaggle_pipeline.checkpoints.common import CheckpointError
 from kaggle_pipeline.cli import log
-from kaggle_pipeline.data.tasks import TaskSpec, get_task
+from kaggle_pipeline.data.tasks import Example, TaskSpec, build_examples, define_task, load_records
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.errors import UserError
+from kaggle_pipeline.inference.sampler import SamplingConfig
 from kaggle_pipeline.model import Transformer, init_params, sharding
 from kaggle_pipeline.model.config import ModelConfig, get_config, tiny_config
-from kaggle_pipeline.run_config import ModelSection, RunConfig, resolve_input
+from kaggle_pipeline.run_config import ConfigError, ModelSection, RunConfig, resolve_input
+from kaggle_pipeline.training import identity
 
 PACKAGED_MODEL = "gemma3-270m-gguf"
+MODEL_CONFIG_FILE = "model_config.json"  # beside a fully fine-tuned model/
+# Generation defaults when [task] sets none.
+MAX_NEW_TOKENS = 256  # long enough for a Dolly answer or a summary, short enough to not stall
+VALIDATION_SIZE = 256  # generation validation decodes at most this many examples
 
 
 class TrainedModelMissing(UserError):
     """The run directory holds no adapter (or full model) to predict with."""
 
 
+class TokenizerError(UserError):
+    """A tokenizer that is missing, unreadable or does not fit the model."""
+
+
+class RunChanged(UserError):
+    """A run directory whose checkpoints were trained from other data, model or settings."""
+
+
 # ----------------------------------------------------------------------------- task and files
+
+# [task] key -> TaskSpec field; the keys not here are for inference and evaluation.
+_TASK_FIELDS = {"kind": "kind", "format": "format", "id_column": "id_column",
+                "prompt": "prompt", "turns_column": "turns_column", "system": "system",
+                "label_column": "label_column", "labels": "label_map", "answer": "answer",
+                "source_language": "source_lang", "target_language": "target_lang",
+                "metric": "metric", "submission_columns": "output_columns",
+                "sample_submission": "sample_submission"}
 
 
 def task_spec(cfg: RunConfig) -> TaskSpec:
-    options = {"prompt": cfg.data.prompt} if cfg.data.prompt else {}
-    return get_task(cfg.data.task, **options)
+    """The task of a run: the preset data.task with the [task] keys set on top, or the [task]
+    section alone. A task that cannot be built is a ConfigError naming the key."""
+    fields = {field: getattr(cfg.task, key) for key, field in _TASK_FIELDS.items()
+              if getattr(cfg.task, key) not in ("", (), None)}
+    if cfg.data.prompt:
+        fields.setdefault("prompt", cfg.data.prompt)
+    if "sample_submission" in fields:
+        fields["sample_submission"] = str(resolve_input(fields["sample_submission"]))
+    try:
+        return define_task(cfg.data.task or None, cfg.output.name, **fields)
+    except ValueError as err:  # TemplateError, TaskSpec's own checks
+        raise ConfigError(f"[task]: {err}") from None
+
+
+def sampling_config(cfg: RunConfig) -> SamplingConfig:
+    """How generation decodes: the [task] keys, greedy with MAX_NEW_TOKENS by default."""
+    t = cfg.task
+    return SamplingConfig(max_new_tokens=t.max_new_tokens or MAX_NEW_TOKENS,
+                          temperature=t.temperature or 0.0, top_k=t.top_k, top_p=t.top_p)
+
+
+def validation_size(cfg: RunConfig, spec: TaskSpec) -> int | None:
+    """How many validation examples are predicted: task.validation_size, else all for
+    classification and VALIDATION_SIZE for generation (decoding is the slow part)."""
+    if cfg.task.validation_size is not None:
+        return cfg.task.validation_size
+    return VALIDATION_SIZE if spec.kind == "generation" else None
 
 
 def input_paths(spec: TaskSpec, value: str | Sequence[str], field: str = "data.train"
@@ -55,17 +109,61 @@ def input_paths(spec: TaskSpec, value: str | Sequence[str], field: str = "data.t
     return paths[0] if reader.files == 1 else paths
 
 
+def read_examples(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of data.train: the same split for the same seed."""
+    from kaggle_pipeline.data.tasks import train_validation_split
+
+    log(f"reading {cfg.data.train}")
+    table = load_records(spec, input_paths(spec, cfg.data.train, "data.train"),
+                         on_bad_row=cfg.data.on_bad_row)
+    if table.skipped:
+        log(table.report())
+    train_frame, valid_frame = train_validation_split(
+        table.frame, validation_fraction=cfg.data.validation_fraction, seed=cfg.train.seed,
+        stratify_by=spec.stratify_column)
+    train_examples = build_examples(spec, train_frame)
+    valid_examples = build_examples(spec, valid_frame)
+    log(f"{len(train_examples)} training and {len(valid_examples)} validation examples")
+    return train_examples, valid_examples
+
+
+def read_test(cfg: RunConfig, spec: TaskSpec) -> list[Example]:
+    """The test file's examples, checked against the sample submission, before any model is
+    loaded. Every test row needs a prediction, so a row that cannot be read is an error even
+    with data.on_bad_row = "skip"."""
+    from kaggle_pipeline.data.records import DataError
+    from kaggle_pipeline.submission import check_sample
+
+    paths = input_paths(spec, cfg.data.test, "data.test")
+    table = load_records(spec, paths, labelled=False, on_bad_row=cfg.data.on_bad_row)
+    if table.skipped:
+        raise DataError(f"{len(table.skipped)} test rows cannot be read and every test row "
+                        f"needs a prediction; fix the file. The first: {table.skipped[0]}")
+    examples = build_examples(spec, table.frame, with_answers=False)
+    first = paths[0] if isinstance(paths, tuple) else paths
+    check_sample(spec, first, [e.id for e in examples])
+    return examples
+
+
 # ----------------------------------------------------------------------------- model
 
 
 def build_mesh(cfg: RunConfig):
-    return sharding.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, cfg.train.mesh_model)
+    try:
+        return sharding.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp,
+                                  cfg.train.mesh_model)
+    except ValueError as err:
+        raise ConfigError(f"train.mesh_data x mesh_fsdp x mesh_model = {cfg.train.mesh_data} x "
+                          f"{cfg.train.mesh_fsdp} x {cfg.train.mesh_model}: {err}") from None
 
 
 def _preset(name: str) -> ModelConfig:
-    if name.startswith("tiny-"):  # tiny-gemma2 / tiny-gemma3 with the real 262k vocabulary
-        return tiny_config(name.removeprefix("tiny-"), vocab_size=262_144)
-    return get_config(name)
+    try:
+        if name.startswith("tiny-"):  # tiny-gemma2 / tiny-gemma3 with the real 262k vocabulary
+            return tiny_config(name.removeprefix("tiny-"), vocab_size=262_144)
+        return get_config(name)
+    except ValueError as err:
+        raise ConfigError(f"model.preset = {name!r}: {err}") from None
 
 
 def checkpoint_path(section: ModelSection) -> Path | None:
@@ -75,23 +173,78 @@ def checkpoint_path(section: ModelSection) -> Path | None:
         from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 
         return gemma3_270m_gguf()
-    return resolve_input(section.checkpoint)
+    path = resolve_input(section.checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"model.checkpoint: {path} does not exist")
+    return path
 
 
-def load_tokenizer(section: ModelSection) -> Tokenizer:
+def _tokenizer_source(section: ModelSection) -> tuple[str, Path]:
+    """(what it is, the file): model.tokenizer, else next to / inside the checkpoint."""
     if section.tokenizer:
-        return Tokenizer.from_model_file(resolve_input(section.tokenizer))
+        return "model.tokenizer", resolve_input(section.tokenizer)
     path = checkpoint_path(section)
     if path is None:
         from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 
-        return Tokenizer.from_gguf(gemma3_270m_gguf())  # random-weight runs borrow Gemma 3's
+        return "gguf", gemma3_270m_gguf()  # random-weight runs borrow Gemma 3's
     if path.suffix == ".gguf":
-        return Tokenizer.from_gguf(path)
+        return "gguf", path
     for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
         if candidate.exists():
-            return Tokenizer.from_model_file(candidate)
-    raise FileNotFoundError(f"no tokenizer.model in or next to {path}; set model.tokenizer")
+            return "tokenizer.model", candidate
+    raise TokenizerError(f"no tokenizer.model in or next to {path} (model.checkpoint); set "
+                         "model.tokenizer to the model's tokenizer.model")
+
+
+def tokenizer_file(section: ModelSection) -> Path:
+    return _tokenizer_source(section)[1]
+
+
+def load_tokenizer(section: ModelSection) -> Tokenizer:
+    """The run's tokenizer; TokenizerError naming the file when it is missing or unreadable."""
+    kind, path = _tokenizer_source(section)
+    where = "model.tokenizer" if kind == "model.tokenizer" else "the tokenizer"
+    try:
+        if kind == "gguf":
+            return Tokenizer.from_gguf(path)
+        return Tokenizer.from_model_file(path)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise TokenizerError(f"{where}: {err}") from None
+
+
+def check_tokenizer_alone(tokenizer: Tokenizer, style: str) -> None:
+    """The special tokens the chat format needs, before any model is loaded."""
+    names = ["bos", "eos"] + (["start_of_turn", "end_of_turn"] if style == "chat" else [])
+    for name in names:
+        try:
+            getattr(tokenizer, f"{name}_id")
+        except KeyError as err:
+            raise TokenizerError(f"{tokenizer!r} has no {name} token ({err.args[0]}); it is "
+                                 "not a Gemma tokenizer: set model.tokenizer to the model's "
+                                 "tokenizer.model") from None
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, style: str) -> None:
+    """The tokenizer fits the model: every id it can produce has a row in the embedding.
+
+    A checkpoint may have more rows than the tokenizer has pieces (Gemma 2's Orbax weights have
+    256128 rows for 256000 pieces), never fewer; otherwise the ids index past the embedding
+    and training learns noise (loss 17 instead of 5).
+    """
+    check_tokenizer_alone(tokenizer, style)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{tokenizer!r} has {tokenizer.vocab_size} pieces but the model's "
+                             f"embedding has {config.vocab_size} rows: not this model's "
+                             "tokenizer; set model.tokenizer to the model's tokenizer.model")
+    ids = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+    if style == "chat":
+        ids |= {"<start_of_turn>": tokenizer.start_of_turn_id,
+                "<end_of_turn>": tokenizer.end_of_turn_id}
+    outside = {name: i for name, i in ids.items() if not 0 <= i < config.vocab_size}
+    if outside:
+        raise TokenizerError(f"{tokenizer!r}: token ids {outside} are outside the model's "
+                             f"{config.vocab_size}-row embedding")
 
 
 def load_model(section: ModelSection, *, seed: int = 0, shardings=None
@@ -101,11 +254,72 @@ def load_model(section: ModelSection, *, seed: int = 0, shardings=None
     preset = _preset(section.preset) if section.preset else None
     if path is None:
         if preset is None:
-            raise ValueError("model.checkpoint is empty: set model.preset to start from random "
-                             "weights")
+            raise ConfigError("model.checkpoint is empty: set model.preset to start from random "
+                              "weights")
         params = init_params(preset, jax.random.key(seed), dtype)
         return preset, params
     return load_checkpoint(path, config=preset, dtype=dtype, shardings=shardings)
+
+
+# ----------------------------------------------------------------------------- run identity
+
+# The settings that change what training computes (not where files are, how often to save, nor
+# how to predict); with the content of the files, a run's identity.
+_TRAINING_KEYS = {
+    "model": ("preset", "dtype", "param_dtype", "remat"),
+    "data": ("task", "prompt", "validation_fraction", "seq_len", "batch_size", "loss_on",
+             "on_bad_row", "pack"),
+    "task": ("kind", "format", "id_column", "prompt", "turns_column", "system",
+             "label_column", "labels", "answer", "source_language", "target_language"),
+    "lora": None,  # every key
+    "optim": None,
+    "train": ("epochs", "seed"),
+}
+
+
+def run_identity(cfg: RunConfig, spec: TaskSpec, *, with_train: bool = True) -> dict:
+    """What the run is trained from: the train file(s), the checkpoint and tokenizer files
+    (by content) and the training settings."""
+    settings = {}
+    for section, keys in _TRAINING_KEYS.items():
+        values = dataclasses.asdict(getattr(cfg, section))
+        for key in keys or values:
+            settings[f"{section}.{key}"] = values[key]
+    train = input_paths(spec, cfg.data.train, "data.train") if with_train else ()
+    train = (train,) if isinstance(train, Path) else train
+    model = [p for p in (checkpoint_path(cfg.model), tokenizer_file(cfg.model)) if p is not None]
+    return identity.identity(train, dict.fromkeys(model), settings)
+
+
+def check_run_identity(cfg: RunConfig, spec: TaskSpec, *, has_checkpoint: bool) -> dict:
+    """Refuse a run directory whose checkpoints come from other inputs; returns the current
+    identity (the caller saves it). Without a checkpoint nothing is resumed: any identity
+    goes."""
+    current = run_identity(cfg, spec)
+    saved = identity.load(cfg.run_dir)
+    if has_checkpoint and saved is not None:
+        changed = identity.differences(saved, current)
+        if changed:
+            raise RunChanged(f"{cfg.run_dir} holds checkpoints trained from other inputs: "
+                             f"{'; '.join(changed)}. Train into another output.name, or delete "
+                             f"{cfg.run_dir} to start over")
+    elif has_checkpoint:
+        log(f"warning: {cfg.run_dir} has checkpoints but no {identity.IDENTITY_FILE} (an older "
+            "run); resuming without checking what it was trained from")
+    return current
+
+
+def check_trained_from(cfg: RunConfig, spec: TaskSpec) -> None:
+    """Before predicting: the adapter was trained on this base checkpoint with these settings
+    (the train files are not needed to predict and are not compared)."""
+    saved = identity.load(cfg.run_dir)
+    if saved is None:
+        return
+    current = run_identity(cfg, spec, with_train=False)
+    changed = identity.differences({**saved, "train": {}}, current)
+    if changed:
+        raise RunChanged(f"{cfg.run_dir} was trained from other inputs: {'; '.join(changed)}. "
+                         "Predict with the run's own config (its config.toml) or train again")
 
 
 # ----------------------------------------------------------------------------- a finished run
@@ -130,11 +344,12 @@ def trained_path(cfg: RunConfig) -> Path:
     return model_dir
 
 
-def load_trained(cfg: RunConfig) -> tuple[Transformer, dict, Tokenizer]:
-    """(model, variables, tokenizer) of a finished run; TrainedModelMissing before any weight
-    is read when the run saved nothing."""
+def load_trained(cfg: RunConfig, style: str = "chat") -> tuple[Transformer, dict, Tokenizer]:
+    """(model, variables, tokenizer) of a finished run; TrainedModelMissing or TokenizerError
+    before any weight is read when the run saved nothing or the tokenizer is unusable."""
     trained = trained_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer_alone(tokenizer, style)
     if cfg.lora.enabled:
         log(f"loading {cfg.model.checkpoint or cfg.model.preset} and the adapter {trained}")
         config, params = load_model(cfg.model, seed=cfg.train.seed)
@@ -142,14 +357,47 @@ def load_trained(cfg: RunConfig) -> tuple[Transformer, dict, Tokenizer]:
         model = Transformer(config, dtype=cfg.model.dtype, lora_scale=lora_cfg.scale)
         return model, {"params": params, "lora": lora_tree}, tokenizer
     log(f"loading the fine-tuned model {trained}")
-    config, params = load_model(dataclasses.replace(cfg.model, checkpoint=str(trained)))
+    saved_config = load_model_config(cfg.run_dir / MODEL_CONFIG_FILE)
+    config, params = load_checkpoint(trained, config=saved_config,
+                                     dtype=jnp.dtype(cfg.model.param_dtype))
     return Transformer(config, dtype=cfg.model.dtype), {"params": params}, tokenizer
 
 
-def saved_threshold(cfg: RunConfig) -> float:
-    """The binary decision threshold calibrated on validation by the training run."""
+def save_model_config(config: ModelConfig, path: Path) -> None:
+    """Our ModelConfig as JSON, so a fully fine-tuned model of any shape loads again (its
+    shapes need not be those of a known preset, e.g. Gemma 2 from Hugging Face: 256000 rows)."""
+    from kaggle_pipeline.files import write_text_atomically
+
+    values = dataclasses.asdict(config)
+    values["attention_kinds"] = [kind.value for kind in config.attention_kinds]
+    write_text_atomically(path, json.dumps(values, indent=2) + "\n")
+
+
+def load_model_config(path: Path) -> ModelConfig | None:
+    """The ModelConfig `save_model_config` wrote; None when there is no such file."""
+    from kaggle_pipeline.model.config import AttentionKind
+
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        values["attention_kinds"] = tuple(AttentionKind(k) for k in values["attention_kinds"])
+        return ModelConfig(**values)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a model config written by training ({err})") \
+            from None
+
+
+def saved_threshold(cfg: RunConfig) -> float | None:
+    """The binary decision threshold calibrated on validation by the training run; None when
+    the run wrote no summary (it stopped before validating)."""
     summary = cfg.run_dir / "summary.json"
     if not summary.exists():
-        return 0.0
-    return float(json.loads(summary.read_text(encoding="utf-8"))
-                 .get("validation", {}).get("threshold", 0.0))
+        return None
+    try:
+        values = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    threshold = values.get("validation", {}).get("threshold") if isinstance(values, dict) \
+        else None
+    return float(threshold) if isinstance(threshold, (int, float)) else None

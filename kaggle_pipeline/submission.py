@@ -28,16 +28,23 @@ class SubmissionError(UserError):
     """A submission that does not fit the competition's sample."""
 
 
-def submission_path(task: str, ext: str, now: dt.datetime | None = None, *,
+def submission_path(name: str, ext: str, now: dt.datetime | None = None, *,
                     root: str | os.PathLike = "submissions") -> Path:
-    """`submissions/<task>-<YYYYmmdd-HHMMSS>.<ext>`."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task):
-        raise ValueError(f"task name {task!r} must be letters, digits, '-', '_' or '.'")
+    """`submissions/<name>-<YYYYmmdd-HHMMSS>.<ext>`, `name` the run's (output.name); a second
+    submission in the same second gets `-2`, `-3`, ... so none is overwritten."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SubmissionError(f"output.name {name!r}: a submission name must be letters, "
+                              "digits, '-', '_' or '.'")
     ext = ext.lstrip(".")
     if "." + ext not in SEPARATORS:
         raise ValueError(f"submission extension {ext!r}: expected one of csv, tsv")
     now = now or dt.datetime.now()
-    return Path(root) / f"{task}-{now:%Y%m%d-%H%M%S}.{ext}"
+    stem = Path(root) / f"{name}-{now:%Y%m%d-%H%M%S}"
+    path, number = stem.with_name(f"{stem.name}.{ext}"), 1
+    while path.exists():
+        number += 1
+        path = stem.with_name(f"{stem.name}-{number}.{ext}")
+    return path
 
 
 def separator_for(path: str | os.PathLike) -> str:
@@ -174,13 +181,15 @@ def write_submission(df: pl.DataFrame, path: str | os.PathLike, *,
 
 # A submission cell may not be empty; an answer that decodes to nothing is written as this.
 EMPTY_ANSWER = "-"
+_NOT_TABLES = (".json", ".jsonl", ".ndjson", ".parquet")
 
 
 def answer_column(spec) -> str:
-    """The submission column a task's predictions go to."""
-    if spec.kind == "classification":
-        return spec.label_column
-    return spec.output_columns[-1] if spec.output_columns else "prediction"
+    """The submission column a task's predictions go to: the last submission column, else
+    the label column (classification) or "prediction"."""
+    if spec.output_columns:
+        return spec.output_columns[-1]
+    return spec.label_column if spec.kind == "classification" else "prediction"
 
 
 def _cell_text(prediction, separator: str) -> str:
@@ -190,28 +199,69 @@ def _cell_text(prediction, separator: str) -> str:
     return text if text.strip() else EMPTY_ANSWER
 
 
-def write_task_submission(spec, test_file: Path, root: str | os.PathLike, ids: list,
-                          predictions: list) -> Path:
-    """A task's predictions as a submission under `root`, validated against the sample; returns
-    its path.
+def _base(spec, test_file: Path, ids: list) -> tuple[pl.DataFrame | Path, str, str]:
+    """(what the submission copies its rows and columns from, its name, the separator).
 
-    Classification: the test file is the competition's sample (AIFactory's test.tsv `id,
-    comment` becomes `id, comment, label`), its separator too. Generation: the task's output
-    columns (`id` and the answer column), in test-file order, tab-separated when the test file
-    is a .tsv, else comma-separated.
-    """
-    if spec.kind == "classification":  # the test file is the sample: its separator
+    The competition's sample when the task names one; else the test file when it is a table
+    with the id column (AIFactory's test.tsv `id, comment` becomes `id, comment, label`), else
+    just the ids."""
+    id_col = spec.id_column or "id"
+    if spec.sample_submission:
+        sample = Path(spec.sample_submission)
+        if not sample.is_file():
+            raise SubmissionError(f"task.sample_submission: {sample} does not exist")
+        return sample, str(sample), separator_for(sample)
+    test_file = Path(test_file)
+    if test_file.suffix.lower() not in _NOT_TABLES:
         sep = separator_for(test_file)
-    else:  # the test file may be JSON: tab only for a .tsv
-        sep = "\t" if Path(test_file).suffix.lower() == ".tsv" else ","
-    path = submission_path(spec.name, "tsv" if sep == "\t" else "csv", root=root)
+        if id_col in read_sample(test_file).columns:
+            return test_file, str(test_file), sep
+    else:
+        sep = ","
+    return pl.DataFrame({id_col: [str(i) for i in ids]}), "the test ids", sep
+
+
+def check_sample(spec, test_file: Path, ids: list) -> None:
+    """Before anything is trained: the sample submission (when the task has one) has the id
+    column, each of its ids is a test row and each test row is one of its ids."""
+    if not spec.sample_submission:
+        return
+    base, name, _ = _base(spec, test_file, ids)
+    sample = read_sample(base)
+    id_col = spec.id_column or "id"
+    if id_col not in sample.columns:
+        raise SubmissionError(f"{name}: no id column {id_col!r} (task.id_column); the file has "
+                              f"columns: {', '.join(repr(c) for c in sample.columns)}")
+    sample_ids = _as_text(sample[id_col])
+    test_ids = {str(i) for i in ids}
+    missing = [i for i in sample_ids if i not in test_ids]
+    if missing:
+        raise SubmissionError(f"{name}: {len(missing)} ids are not rows of the test file "
+                              f"{test_file}: {_listed(missing)}")
+    extra = sorted(test_ids - set(sample_ids))
+    if extra:
+        raise SubmissionError(f"{test_file}: {len(extra)} test ids are not in {name}: "
+                              f"{_listed(extra)}")
+
+
+def write_task_submission(spec, test_file: Path, root: str | os.PathLike, ids: list,
+                          predictions: list, *, run_name: str | None = None) -> Path:
+    """A task's predictions as `<root>/<run name>-<timestamp>.<csv|tsv>`, validated against
+    the sample; returns its path.
+
+    The rows, their order and the columns are the sample submission's (task.sample_submission),
+    else the test file's when it is a table with ids, else the ids'; the answer column is filled
+    (appended when the base lacks it). task.submission_columns then picks and orders the columns.
+    Classification labels must be the task's; generation answers are text on one line.
+    """
+    base, name, sep = _base(spec, test_file, ids)
+    path = submission_path(run_name or spec.name, "tsv" if sep == "\t" else "csv", root=root)
     id_col, label_col = spec.id_column or "id", answer_column(spec)
     if spec.kind == "classification":
-        sample, domain = test_file, [str(k) for k in spec.label_map]
+        domain = [str(k) for k in spec.label_map]
         texts = [str(p) for p in predictions]
     else:
-        # No sample file for generation: the submission is the ids with their answers.
-        sample, domain = pl.DataFrame({id_col: [str(i) for i in ids]}), None
+        domain = None
         texts = [_cell_text(p, sep) for p in predictions]
         empty = [str(i) for i, p in zip(ids, predictions, strict=True) if not str(p).strip()]
         if empty:
@@ -220,5 +270,14 @@ def write_task_submission(spec, test_file: Path, root: str | os.PathLike, ids: l
             log(f"warning: {len(empty)} empty answers written as {EMPTY_ANSWER!r} "
                 f"(ids {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
     frame = pl.DataFrame({id_col: [str(i) for i in ids], label_col: texts})
-    return write_submission(frame, path, sample=sample, id_col=id_col, label_col=label_col,
+    sample = read_sample(base) if isinstance(base, Path) else base
+    built = build_submission(frame, sample, id_col=id_col, label_col=label_col,
+                             label_domain=domain, sample_name=name)
+    if spec.output_columns and not spec.sample_submission:
+        missing = [c for c in spec.output_columns if c not in built.columns]
+        if missing:
+            raise SubmissionError(f"task.submission_columns: {missing} are not columns of "
+                                  f"{name} (columns: {', '.join(built.columns)})")
+        built = built.select(list(spec.output_columns))
+    return write_submission(built, path, sample=built, id_col=id_col, label_col=label_col,
                             label_domain=domain, sep=sep)

@@ -3,7 +3,14 @@
 files -> records -> token sequences -> packed batches -> sharded train steps -> checkpoints
 -> (classification) validation metrics, calibrated decision, test predictions, submission, report.
 With no arguments it runs the embedded main job: LoRA on Gemma 3 270M for the AIFactory
-review-sentiment task. An interrupted run resumes from its last checkpoint when started again.
+review-sentiment task. An interrupted run resumes from its last checkpoint when started again
+(the newest intact one, if the last was damaged), as long as its identity is the same: the same
+training files and base checkpoint (by content) and the same training settings; otherwise it
+stops with a message saying what changed.
+
+Exit codes: 0 done, 1 a non-finite loss, 2 a setting, file or checkpoint to fix (one line, before
+any model is loaded when no model is needed to tell), 143 stopped by SIGTERM and 130 by Ctrl-C,
+both after saving a checkpoint to resume from.
 
 A run is three named parts: `prepare` (data, model, trainer, the state to resume from),
 `train_loop` (steps, metrics, checkpoints, signals) and `finish` (the trained weights, then
@@ -29,26 +36,27 @@ from kaggle_pipeline.checkpoints.adapter import save_adapter
 from kaggle_pipeline.cli import Stop, log, progress, run_command
 from kaggle_pipeline.data.chat_template import encode_conversation
 from kaggle_pipeline.data.packing import batches, num_batches, pack, target_tokens_per_batch
-from kaggle_pipeline.data.tasks import (
-    Example,
-    TaskSpec,
-    build_examples,
-    load_records,
-    train_validation_split,
-)
+from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
+from kaggle_pipeline.files import write_text_atomically
 from kaggle_pipeline.inference.label_scoring import answer_only
 from kaggle_pipeline.model import Transformer, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.run_config import RunConfig, load_config, to_toml
+from kaggle_pipeline.training import identity
 from kaggle_pipeline.training.optimizer import make_optimizer
 from kaggle_pipeline.training.step import Trainer
 from kaggle_pipeline.training.train_state import Checkpoints
 
-EXIT_STOPPED = 0  # stopped on request (a signal) after saving: resumable
 EXIT_FAILED = 1  # a non-finite loss
+
+
+def exit_code_of(signum: int) -> int:
+    """A run stopped by a signal after saving exits as the shell reports a process the signal
+    ended: 128 + its number (SIGTERM 143, Ctrl-C 130), so `train && upload` stops there."""
+    return 128 + signum
 
 
 def encode_examples(examples, tokenizer, spec, loss_on: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -66,23 +74,9 @@ def encode_examples(examples, tokenizer, spec, loss_on: str) -> list[tuple[np.nd
     return items
 
 
-def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
-    """Resuming only makes sense for the same training settings. Without a checkpoint there is
-    nothing to resume (e.g. the last attempt stopped on a data error), so any settings go."""
-    saved = run_dir / "config.toml"
+def has_checkpoint(run_dir: Path) -> bool:
     ckpt_dir = run_dir / "checkpoints"
-    has_checkpoint = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if not saved.exists() or not has_checkpoint:
-        return
-    previous = load_config(saved)
-    for section in ("model", "data", "lora", "optim"):
-        if getattr(previous, section) != getattr(cfg, section):
-            raise SystemExit(
-                f"error: {run_dir} holds a run with different [{section}] settings; "
-                f"use another output.name or delete {run_dir} to start over")
-    if (previous.train.seed, previous.train.epochs) != (cfg.train.seed, cfg.train.epochs):
-        raise SystemExit(f"error: {run_dir} holds a run with another seed/epochs; use another "
-                         "output.name or delete it to start over")
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
 def keep_metrics_until(metrics_path: Path, step: int) -> None:
@@ -134,6 +128,7 @@ class Run:
     config: ModelConfig
     tokenizer: Tokenizer
     valid_examples: list[Example]
+    test_examples: list[Example] | None  # read before training, predicted after
     rows: list[dict]
     packing: dict
     trainer: Trainer
@@ -150,36 +145,36 @@ class Run:
         return not self.cfg.lora.enabled
 
 
-def read_examples(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Example], list[Example]]:
-    """(train, validation) examples: the same split for the same seed."""
-    log(f"reading {cfg.data.train}")
-    table = load_records(spec, run_setup.input_paths(spec, cfg.data.train, "data.train"),
-                         on_bad_row=cfg.data.on_bad_row)
-    if table.skipped:
-        log(table.report())
-    train_frame, valid_frame = train_validation_split(
-        table.frame, validation_fraction=cfg.data.validation_fraction, seed=cfg.train.seed,
-        stratify_by=spec.stratify_column)
-    train_examples = build_examples(spec, train_frame)
-    valid_examples = build_examples(spec, valid_frame)
-    log(f"{len(train_examples)} training and {len(valid_examples)} validation examples")
-    return train_examples, valid_examples
+def check_inputs(cfg: RunConfig, spec: TaskSpec):
+    """Everything that can be checked without the model, before it is loaded: the train, test
+    and sample files, the tokenizer, the mesh, the run directory's identity. Returns (train,
+    validation and test examples, tokenizer, mesh, identity)."""
+    train_examples, valid_examples = run_setup.read_examples(cfg, spec)
+    test_examples = None
+    if cfg.train.predict and cfg.data.test:
+        test_examples = run_setup.read_test(cfg, spec)
+        log(f"{len(test_examples)} test rows to predict after training")
+    tokenizer = run_setup.load_tokenizer(cfg.model)
+    run_setup.check_tokenizer_alone(tokenizer, spec.style)
+    mesh = run_setup.build_mesh(cfg)
+    current = run_setup.check_run_identity(cfg, spec, has_checkpoint=has_checkpoint(cfg.run_dir))
+    return train_examples, valid_examples, test_examples, tokenizer, mesh, current
 
 
 def prepare(cfg: RunConfig) -> Run:
     sharding.maybe_initialize_distributed()
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_same_run(cfg, run_dir)
-    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     spec = run_setup.task_spec(cfg)
-    train_examples, valid_examples = read_examples(cfg, spec)
+    train_examples, valid_examples, test_examples, tokenizer, mesh, current = \
+        check_inputs(cfg, spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(run_dir / "config.toml", to_toml(cfg))
+    identity.save(run_dir, current)
 
     log(f"loading model {cfg.model.checkpoint or cfg.model.preset} "
         f"(params as {cfg.model.param_dtype})")
-    mesh = run_setup.build_mesh(cfg)
     config, params = run_setup.load_model(cfg.model, seed=cfg.train.seed)
-    tokenizer = run_setup.load_tokenizer(cfg.model)
+    run_setup.check_tokenizer(tokenizer, config, spec.style)
     log(f"model: {config.family}, {config.num_layers} layers, "
         f"{count_params(params) / 1e6:.0f}M params; mesh {dict(mesh.shape)}")
 
@@ -222,7 +217,7 @@ def prepare(cfg: RunConfig) -> Run:
         state = restored
         log(f"resumed from step {int(state['step'])}")
     return Run(cfg=cfg, spec=spec, config=config, tokenizer=tokenizer,
-               valid_examples=valid_examples, rows=rows,
+               valid_examples=valid_examples, test_examples=test_examples, rows=rows,
                packing=vars(stats) | {"efficiency": stats.efficiency}, trainer=trainer,
                frozen=frozen, state=state, checkpoints=checkpoints,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -316,9 +311,10 @@ def train_loop(run: Run) -> dict:
                 bar.update(1)
                 if signals.received is not None:
                     run.checkpoints.save(state, step)
-                    raise Stop(f"stopped by signal at step {step}; checkpoint saved in "
+                    name = signal.Signals(signals.received).name
+                    raise Stop(f"stopped by {name} at step {step}; checkpoint saved in "
                                f"{run.checkpoints.directory}. Run the same command to resume.",
-                               EXIT_STOPPED)
+                               exit_code_of(signals.received))
                 if (step % cfg.train.save_every == 0 or step % run.steps_per_epoch == 0
                         or step == run.total_steps):
                     run.checkpoints.save(state, step)
@@ -339,6 +335,8 @@ def finish(run: Run, state: dict, started: float) -> dict:
     if run.full:
         from kaggle_pipeline.checkpoints.orbax_format import save_orbax
 
+        # The config first: the weights' shapes need not be a known preset's.
+        run_setup.save_model_config(run.config, cfg.run_dir / run_setup.MODEL_CONFIG_FILE)
         save_orbax(jax.device_get(state["trainable"]), cfg.run_dir / "model")
         variables = {"params": state["trainable"]}
     else:
@@ -352,9 +350,12 @@ def finish(run: Run, state: dict, started: float) -> dict:
 
         model = Transformer(run.config, dtype=cfg.model.dtype, lora_scale=cfg.lora.scale)
         summary.update(evaluate_and_submit(cfg, run.spec, model, variables, run.tokenizer,
-                                           run.valid_examples))
+                                           run.valid_examples, test_examples=run.test_examples))
     summary["total_seconds"] = round(time.time() - started, 1)
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if "submission" in summary:
+        summary["submissions"] = [summary["submission"]]
+    write_text_atomically(cfg.run_dir / "summary.json",
+                          json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 

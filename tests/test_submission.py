@@ -131,5 +131,5 @@ def test_submission_path():
         "/tmp/x/dolly-20250304-050607.csv")
     with pytest.raises(ValueError, match="extension 'json'"):
         submission_path("t", "json", now)
-    with pytest.raises(ValueError, match="task name"):
+    with pytest.raises(ValueError, match="output.name '../evil': a submission name must be"):
         submission_path("../evil", "csv", now)

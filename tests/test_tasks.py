@@ -108,8 +108,8 @@ def test_label_missing_from_the_label_map():
     frame = pl.DataFrame({"id": [7], "comment": ["맛있어요"], "label": [2]})
     with pytest.raises(ValueError) as err:
         build_examples(get_task(), frame)
-    assert str(err.value) == ("task 'tarr-sentiment': row 1, field 'label': label 2 is not in "
-                              "the label map {1: '긍정', 0: '부정'}")
+    assert str(err.value) == ("task 'tarr-sentiment': row 1, field 'label': label 2 is not "
+                              "one of 1, 0 (task.labels)")
 
 
 # ----------------------------------------------------------------------------- templates
@@ -127,7 +127,7 @@ def test_unknown_placeholder_is_named():
     frame = read_tarr(FIXTURES / "tarr_train.tsv").frame
     with pytest.raises(TemplateError) as err:
         build_examples(task, frame)
-    assert str(err.value) == ("prompt template of task 'tarr-sentiment' uses {review}, which is "
+    assert str(err.value) == ("task.prompt of task 'tarr-sentiment' uses {review}, which is "
                               "not a column; available columns: id, comment, label")
 
 
@@ -136,7 +136,7 @@ def test_unknown_answer_placeholder_is_named():
     frame = load_records(task, FIXTURES / "aihub_summarization.jsonl").frame
     with pytest.raises(TemplateError) as err:
         build_examples(task, frame)
-    assert str(err.value) == ("answer template of task 'aihub-summarization' uses {abstract}, "
+    assert str(err.value) == ("task.answer of task 'aihub-summarization' uses {abstract}, "
                               "which is not a column; available columns: id, document, summary")
     # Test files have no answers, so the answer template is not needed there.
     assert len(build_examples(task, frame, with_answers=False)) == 2
@@ -173,7 +173,7 @@ def test_literal_braces_and_braces_in_values():
     ({"kind": "regression"}, "task 'tarr-sentiment': kind 'regression', expected one of "
                              "classification, generation"),
     ({"style": "keras"}, "task 'tarr-sentiment': style 'keras', expected one of chat, plain"),
-    ({"reader": "excel"}, "task 'tarr-sentiment': reader 'excel', expected one of tarr, dolly"),
+    ({"reader": "excel"}, "task 'tarr-sentiment': reader 'excel', expected one of table, tarr, dolly"),
     ({"label_map": None}, "task 'tarr-sentiment': classification needs label_column and "
                           "label_map"),
     ({"label_map": {1: "좋음", 0: "좋음 "}}, "task 'tarr-sentiment': label words must be "
@@ -208,7 +208,7 @@ def test_missing_id_column_is_named():
     frame = pl.DataFrame({"comment": ["맛있어요"], "label": [1]})
     with pytest.raises(TemplateError) as err:
         build_examples(get_task(), frame)
-    assert str(err.value) == ("task 'tarr-sentiment' needs the column 'id'; available columns: "
+    assert str(err.value) == ("task 'tarr-sentiment': task.id_column = 'id' is not a column; available columns: "
                               "comment, label")
 
 

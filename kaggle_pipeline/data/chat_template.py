@@ -17,6 +17,9 @@ Two styles:
       Response:
       {model}<eos>
 
+A conversation may open with a "system" turn. Gemma has no system role: as the official Gemma 3
+template does, its text and a blank line ("\n\n") go before the first user turn's text.
+
 A conversation is a list of segments (markers, headers, turn texts), each flagged as target or
 not. `render_*` join them into a string. `encode_conversation` puts the markers (bos, eos,
 `<start_of_turn>`, `<end_of_turn>`) in by id and tokenizes the text between them in runs of
@@ -35,7 +38,7 @@ import numpy as np
 
 from kaggle_pipeline.data.tokenizer import Tokenizer
 
-Role = Literal["user", "model"]
+Role = Literal["system", "user", "model"]
 Style = Literal["chat", "plain"]
 
 BOS, EOS = "<bos>", "<eos>"
@@ -132,18 +135,29 @@ def _segments(turns: Sequence[Turn], style: str, add_generation_prompt: bool) ->
     raise ValueError(f"unknown conversation style {style!r}; expected 'chat' or 'plain'")
 
 
+def _fold_system(turns: Sequence[Turn]) -> tuple[str, Sequence[Turn]]:
+    """(the text put before the first user turn's, the turns without the system turn)."""
+    if turns and turns[0].role == "system":
+        if not isinstance(turns[0].text, str):
+            raise ValueError("turn 0: field 'text' of the system turn is not str")
+        return turns[0].text + "\n\n", turns[1:]
+    return "", turns
+
+
 def _chat_segments(turns: Sequence[Turn], add_generation_prompt: bool) -> list[_Segment]:
+    prefix, turns = _fold_system(turns)
     _check_alternating(turns)
     segments = [_MARK_BOS]
-    for turn in turns:
+    for index, turn in enumerate(turns):
         is_model = turn.role == "model"
         segments += [
             _MARK_START_OF_TURN,
             _Segment(f"{turn.role}\n"),
             # Trimmed like the official template does; it also keeps the segment boundaries on
             # pieces that never merge with their neighbours (a leading "\n" would fuse with the
-            # header's "\n" into the single piece "\n\n", straddling the mask boundary).
-            _Segment(turn.text.strip(), is_target=is_model),
+            # header's "\n" into the single piece "\n\n", straddling the mask boundary). The
+            # system prefix is not: it joins the header in one non-target run anyway.
+            _Segment((prefix if index == 0 else "") + turn.text.strip(), is_target=is_model),
             _Segment(END_OF_TURN, is_target=is_model, is_marker=True),
             _Segment("\n"),
         ]
@@ -157,6 +171,7 @@ def _chat_segments(turns: Sequence[Turn], add_generation_prompt: bool) -> list[_
 
 
 def _plain_segments(turns: Sequence[Turn], add_generation_prompt: bool) -> list[_Segment]:
+    prefix, turns = _fold_system(turns)
     _check_alternating(turns)
     if len(turns) > 2:
         raise ValueError(
@@ -164,7 +179,7 @@ def _plain_segments(turns: Sequence[Turn], add_generation_prompt: bool) -> list[
         )
     if add_generation_prompt and len(turns) != 1:
         raise ValueError("add_generation_prompt in the plain style needs exactly one user turn")
-    segments = [_MARK_BOS, _Segment(PLAIN_INSTRUCTION), _Segment(turns[0].text.strip())]
+    segments = [_MARK_BOS, _Segment(PLAIN_INSTRUCTION), _Segment(prefix + turns[0].text.strip())]
     if len(turns) == 2 or add_generation_prompt:
         segments.append(_Segment(PLAIN_RESPONSE))
     if len(turns) == 2:
@@ -180,8 +195,9 @@ def _check_alternating(turns: Sequence[Turn]) -> None:
         raise ValueError("a conversation needs at least one turn")
     for index, turn in enumerate(turns):
         if turn.role not in ("user", "model"):
+            where = " (a system turn may only come first)" if turn.role == "system" else ""
             raise ValueError(
-                f"turn {index}: field 'role' is {turn.role!r}; expected 'user' or 'model'"
+                f"turn {index}: field 'role' is {turn.role!r}; expected 'user' or 'model'{where}"
             )
         expected = "user" if index % 2 == 0 else "model"
         if turn.role != expected:

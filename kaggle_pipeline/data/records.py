@@ -119,6 +119,11 @@ def detect_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     return SUFFIX_FORMATS[suffix]
 
 
+def suffix_format(path: str | os.PathLike, default: str) -> str:
+    """The format the suffix names, else `default` (AIFactory's files: TSV whatever the name)."""
+    return SUFFIX_FORMATS.get(Path(path).suffix.lower(), default)
+
+
 def _utf8_problem(data: bytes, err: UnicodeDecodeError) -> str:
     column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
     return f"invalid UTF-8 (byte 0x{data[err.start]:02x} at byte column {column})"
@@ -297,6 +302,12 @@ def _text(field: str, value: Any, *, required: bool) -> str:
     return value
 
 
+def _texts(field: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _RowError(field, f"expected a list of texts, got {_type_name(value)}")
+    return value
+
+
 def _integer(field: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -371,10 +382,25 @@ def _source_names(columns: dict[str, str] | None, fields: Iterable[str]) -> dict
     return {name: ours_to_file.get(name, name) for name in fields}
 
 
-def _missing_column(path: Path, source: str, ours: str, found: Iterable[str]) -> DataError:
+def _separator_hint(found: Sequence[str], fmt: str | None) -> str:
+    """A header read as one column that holds another separator: the wrong format."""
+    if len(found) != 1:
+        return ""
+    for separator, name, key in ((",", "comma", "csv"), ("\t", "tab", "tsv"),
+                                 (";", "semicolon", None)):
+        if separator in found[0] and key != fmt:
+            to = f'set task.format = "{key}" or ' if key else ""
+            return (f" (the header is one column holding {name}s: the file is "
+                    f"{name}-separated, read as {fmt}; {to}save it as {fmt})")
+    return ""
+
+
+def _missing_column(path: Path, source: str, ours: str, found: Sequence[str], *,
+                    described: str | None = None, fmt: str | None = None) -> DataError:
     mapped = f" (read as '{ours}')" if source != ours else ""
-    return DataError(f"{path}: missing column '{source}'{mapped}; the file has columns: "
-                     f"{', '.join(repr(name) for name in found)}")
+    named = f" ({described})" if described else ""
+    return DataError(f"{path}: missing column '{source}'{mapped}{named}; the file has columns: "
+                     f"{', '.join(repr(name) for name in found)}{_separator_hint(found, fmt)}")
 
 
 # ----------------------------------------------------------------------------- generic table
@@ -384,7 +410,9 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
                optional: Sequence[str] = (), columns: dict[str, str] | None = None,
                fmt: str | None = None, on_bad_row: str = "error",
                int_fields: Collection[str] = (), labels: dict[str, Collection] | None = None,
-               unique: Sequence[str] = ()) -> ReadResult:
+               unique: Sequence[str] = (), as_text: Collection[str] = (),
+               list_fields: Collection[str] = (), may_be_empty: Collection[str] = (),
+               described: dict[str, str] | None = None) -> ReadResult:
     """Read a table and keep the fields we name, checked row by row.
 
     `columns` renames the file's columns to ours ({"원문": "ko"}); `required` and `optional`
@@ -392,7 +420,10 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
     integer field, non-blank text. An optional field may be missing, null or empty (dolly's
     `context`) and is left out of the frame when no row has it. `int_fields` must be integers
     (in CSV, the text of one); `labels` gives a field's allowed values; `unique` fields must not
-    repeat. A missing column is always an error; bad rows raise or, with
+    repeat. `as_text` fields take numbers too (JSON ids and labels) and keep them as text;
+    `list_fields` hold lists of text (chat turns); `may_be_empty` text fields may be blank (a
+    test file's text, which still needs a prediction). A missing column is always an error,
+    `described` says what asked for it (e.g. "task.label_column"); bad rows raise or, with
     `on_bad_row="skip"`, are dropped and reported in `ReadResult.skipped`.
     """
     path = Path(path)
@@ -400,17 +431,20 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
     labels = labels or {}
     sources = _source_names(columns, [*required, *optional])
     header, rows = _read_rows(path, fmt, on_bad_row)
+    described = described or {}
     if header is not None:
         for name in required:
             if sources[name] not in header:
-                raise _missing_column(path, sources[name], name, header)
+                raise _missing_column(path, sources[name], name, header,
+                                      described=described.get(name), fmt=fmt)
         present = [name for name in (*required, *optional) if sources[name] in header]
     else:
         rows = list(rows)  # JSON: a column is missing only when no record has it
         keys = {key for row in rows if row.values is not None for key in row.values}
         for name in required:
             if sources[name] not in keys and any(row.values is not None for row in rows):
-                raise _missing_column(path, sources[name], name, sorted(keys))
+                raise _missing_column(path, sources[name], name, sorted(keys),
+                                      described=described.get(name), fmt=fmt)
         present = [name for name in (*required, *optional) if sources[name] in keys]
 
     def check(values: dict[str, Any]) -> dict[str, Any]:
@@ -424,10 +458,14 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
                 record[name] = None
                 continue
             value = values[field]
+            if name in as_text and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
             if name in int_fields:
                 value = None if not is_required and value == "" else _integer(field, value)
+            elif name in list_fields:
+                value = _texts(field, value)
             else:
-                value = _text(field, value, required=is_required)
+                value = _text(field, value, required=is_required and name not in may_be_empty)
             if name in labels and value is not None and value not in labels[name]:
                 allowed = ", ".join(repr(v) for v in labels[name])
                 raise _RowError(field, f"label {value!r} is not one of {allowed}")
@@ -435,11 +473,12 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
         return record
 
     checked = _collect(path, rows, check, on_bad_row, unique=unique)
-    return checked.result({name: pl.Int64 if name in int_fields else pl.String
+    return checked.result({name: pl.Int64 if name in int_fields else
+                           pl.List(pl.String) if name in list_fields else pl.String
                            for name in present})
 
 
-def _with_row_ids(result: ReadResult) -> ReadResult:
+def with_row_ids(result: ReadResult) -> ReadResult:
     """Files without ids: a row's id is its 1-based position among the file's records."""
     if "id" in result.frame.columns:
         return result
@@ -600,7 +639,7 @@ def read_parallel(path: str | os.PathLike, *, languages: tuple[str, str] = ("ko"
     required = [source, target] if labelled else [source]
     result = read_table(path, required=required, columns=columns, fmt=fmt,
                         on_bad_row=on_bad_row)
-    return _with_row_ids(result)
+    return with_row_ids(result)
 
 
 def read_summarization(path: str | os.PathLike, *, columns: dict[str, str] | None = None,
@@ -614,7 +653,7 @@ def read_summarization(path: str | os.PathLike, *, columns: dict[str, str] | Non
     among the records), `document`, `summary`.
     """
     required = ["document", "summary"] if labelled else ["document"]
-    return _with_row_ids(read_table(path, required=required, columns=columns, fmt=fmt,
+    return with_row_ids(read_table(path, required=required, columns=columns, fmt=fmt,
                                     on_bad_row=on_bad_row))
 
 
@@ -678,7 +717,7 @@ def read_qa(path: str | os.PathLike, *, columns: dict[str, str] | None = None,
                 ("id", "context", "question")
             return checked.result({name: pl.String for name in names})
     required = ["context", "question", "answer"] if labelled else ["context", "question"]
-    return _with_row_ids(read_table(path, required=required, columns=columns, fmt=fmt,
+    return with_row_ids(read_table(path, required=required, columns=columns, fmt=fmt,
                                     on_bad_row=on_bad_row))
 
 

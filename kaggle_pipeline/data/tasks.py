@@ -12,12 +12,18 @@ Built-in tasks: `tarr-sentiment` (the default, AIFactory review sentiment), `dol
 `aihub-dialogue`, `aihub-parallel`, `aihub-summarization`, `aihub-qa`. `get_task(name,
 **options)` builds one, options overriding the builder's defaults, e.g.
 `get_task("aihub-parallel", source_lang="en", target_lang="ko")`.
+
+`define_task(preset, name, **fields)` is what a run config's `[task]` section becomes: a
+built-in task with some fields replaced, or (no preset) a task of its own whose files are read by
+the generic table reader (`records.read_table`: CSV, TSV, JSON lines, JSON, Parquet), which
+reads exactly the columns the templates and keys name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import random
 import string
@@ -36,6 +42,18 @@ KINDS = ("classification", "generation")
 STYLES = ("chat", "plain")  # chat_template's styles
 LANGUAGES = {"ko": "Korean", "en": "English", "zh": "Chinese", "ja": "Japanese"}
 DEFAULT_TASK = "tarr-sentiment"
+# A competition's metric (task.metric) and the kind of task it scores.
+METRICS = {"accuracy": "classification", "macro_f1": "classification", "bleu": "generation",
+           "chrf": "generation", "chrf++": "generation", "rouge_1": "generation",
+           "rouge_2": "generation", "rouge_l": "generation", "rouge_l_char": "generation"}
+# The run-config key of each TaskSpec field, for messages.
+KEYS = {"kind": "task.kind", "format": "task.format", "id_column": "task.id_column",
+        "prompt": "task.prompt", "turns_column": "task.turns_column", "system": "task.system",
+        "label_column": "task.label_column", "label_map": "task.labels",
+        "answer": "task.answer", "source_lang": "task.source_language",
+        "target_lang": "task.target_language", "metric": "task.metric",
+        "output_columns": "task.submission_columns",
+        "sample_submission": "task.sample_submission"}
 
 
 class TemplateError(UserError):
@@ -99,9 +117,13 @@ class TaskSpec:
     label_map: dict[int | str, str] | None = None  # label -> the word the model answers
     turns_column: str | None = None  # dialogue: utterances, user first, alternating
     id_column: str | None = "id"
-    output_columns: tuple[str, ...] = ()  # the submission's columns
+    output_columns: tuple[str, ...] = ()  # the submission's columns, the answer's last
     source_lang: str | None = None  # translation
-    target_lang: str | None = None
+    target_lang: str | None = None  # the language answers must be in
+    format: str | None = None  # the files' format; None: from the suffix (else the reader's)
+    system: str | None = None  # a system prompt before the first user turn
+    metric: str | None = None  # the competition's metric, a key of METRICS
+    sample_submission: str | None = None  # the competition's sample submission file
 
     def __post_init__(self):
         for value, allowed, what in ((self.kind, KINDS, "kind"),
@@ -128,6 +150,9 @@ class TaskSpec:
                                  f"non-empty, got {self.label_map}")
         elif self.turns_column is None and self.answer is None:
             raise ValueError(f"task {self.name!r}: a generation task needs an answer template")
+        if self.metric is not None and METRICS.get(self.metric) != self.kind:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not score a "
+                             f"{self.kind} task")
 
     @property
     def stratify_column(self) -> str | None:
@@ -222,6 +247,59 @@ def get_task(name: str = DEFAULT_TASK, **options) -> TaskSpec:
     return _BUILT_IN[name](**options)
 
 
+def answer_column_of(answer: str | None) -> str:
+    """The submission column of a generation task of its own: the answer template's only
+    placeholder ("{en}" -> "en"), else "prediction"."""
+    fields = template_fields(answer) if answer else []
+    return fields[0] if len(fields) == 1 and answer == f"{{{fields[0]}}}" else "prediction"
+
+
+def _preset_labels(preset: TaskSpec, labels: dict) -> dict:
+    """Label-map keys as the preset's reader reads the label column (tarr: integers)."""
+    if not preset.label_map or not all(isinstance(k, int) for k in preset.label_map):
+        return labels
+    converted = {}
+    for key, word in labels.items():
+        try:
+            converted[int(key)] = word
+        except ValueError:
+            raise TemplateError(f"task.labels: {key!r} is not an integer, and task "
+                                f"{preset.name!r} reads integer labels") from None
+    return converted
+
+
+def define_task(preset: str | None, name: str, **fields) -> TaskSpec:
+    """A task from a run config's [task] fields (TaskSpec field names, only those set).
+
+    With a preset (a built-in task's name) the fields replace its values; those its builder
+    takes (prompt, label_map, languages) go through the builder, so what follows from them (the
+    sentiment question, the translation's columns) follows. Without, the fields define a task of
+    its own read by the generic table reader, named `name`.
+    """
+    if preset:
+        base = get_task(preset)
+        if "kind" in fields and fields["kind"] != base.kind:
+            raise TemplateError(f"task.kind = {fields['kind']!r}, but task {preset!r} is a "
+                                f"{base.kind} task")
+        if "label_map" in fields:
+            fields["label_map"] = _preset_labels(base, fields["label_map"])
+        accepted = inspect.signature(_BUILT_IN[preset]).parameters
+        options = {k: v for k, v in fields.items() if k in accepted}
+        spec = get_task(preset, **options)
+        return spec.replace(**{k: v for k, v in fields.items() if k not in accepted})
+    kind = fields.pop("kind", None)
+    if kind is None:
+        raise TemplateError("task.kind is not set: a task of its own is \"classification\" "
+                            "or \"generation\"")
+    id_column = fields.pop("id_column", "id")
+    if "output_columns" not in fields:
+        answer = fields.get("label_column") if kind == "classification" else \
+            answer_column_of(fields.get("answer"))
+        fields["output_columns"] = (id_column, answer or "prediction")
+    return TaskSpec(name=name, kind=kind, reader="table", prompt=fields.pop("prompt", None),
+                    id_column=id_column, **fields)
+
+
 # ----------------------------------------------------------------------------- records
 
 
@@ -242,10 +320,59 @@ def _columns(spec: TaskSpec) -> dict[str, str] | None:
     return spec.columns or None
 
 
+def _placeholders(spec: TaskSpec, labelled: bool) -> dict[str, str]:
+    """{column: the key that names it} for every column the templates use."""
+    names = {}
+    templates = [("prompt", spec.prompt), ("answer", spec.answer if labelled else None)]
+    for field, template in templates:
+        for column in template_fields(template) if template else ():
+            names.setdefault(column, f"a {{placeholder}} of {KEYS[field]}")
+    return names
+
+
+def read_task_table(spec: TaskSpec, path: str | os.PathLike, labelled: bool,
+                    on_bad_row: str) -> records.ReadResult:
+    """A task of its own: the columns its keys and templates name, read by `read_table`.
+
+    Ids and labels are kept as text (JSON numbers too), so they match the sample submission
+    and the label keys; in a test file (`labelled` False) the prompt's columns may be empty,
+    since every test row needs a prediction.
+    """
+    described = _placeholders(spec, labelled)
+    required = list(described)
+    if spec.turns_column:
+        required.append(spec.turns_column)
+        described[spec.turns_column] = KEYS["turns_column"]
+    if labelled and spec.kind == "classification":
+        required.append(spec.label_column)
+        described[spec.label_column] = KEYS["label_column"]
+    optional = []
+    if spec.id_column in required:
+        pass
+    elif spec.id_column == "id":  # the default: a file without ids numbers its rows
+        optional.append("id")
+    else:
+        required.insert(0, spec.id_column)
+        described[spec.id_column] = KEYS["id_column"]
+    labels = {spec.label_column: [str(k) for k in spec.label_map]} \
+        if labelled and spec.kind == "classification" else None
+    result = records.read_table(
+        path, required=list(dict.fromkeys(required)), optional=optional, fmt=spec.format,
+        on_bad_row=on_bad_row, labels=labels, unique=[spec.id_column] if spec.id_column in
+        (*required, *optional) else [], as_text=[spec.id_column, spec.label_column],
+        list_fields=[spec.turns_column] if spec.turns_column else [],
+        may_be_empty=[] if labelled else list(_placeholders(spec, False)),
+        described=described)
+    return records.with_row_ids(result) if spec.id_column == "id" else result
+
+
 READER_TABLE: dict[str, Reader] = {
+    "table": Reader(lambda spec, paths, labelled, bad: read_task_table(
+        spec, paths[0], labelled, bad)),
     "tarr": Reader(lambda spec, paths, labelled, bad: records.read_tarr(
         paths[0], labelled=labelled, labels=tuple(spec.label_map or ()),
-        columns=_columns(spec), on_bad_row=bad)),
+        columns=_columns(spec), fmt=spec.format or records.suffix_format(paths[0], "tsv"),
+        on_bad_row=bad)),
     "dolly": Reader(lambda spec, paths, labelled, bad: records.read_dolly_pairs(
         paths[0], paths[1], on_bad_row=bad), files=2,
         files_described="two files, English and Korean JSON lines, written "
@@ -254,11 +381,13 @@ READER_TABLE: dict[str, Reader] = {
         paths[0], on_bad_row=bad)),
     "aihub-parallel": Reader(lambda spec, paths, labelled, bad: records.read_parallel(
         paths[0], languages=(spec.source_lang, spec.target_lang), columns=_columns(spec),
-        labelled=labelled, on_bad_row=bad)),
+        fmt=spec.format, labelled=labelled, on_bad_row=bad)),
     "aihub-summarization": Reader(lambda spec, paths, labelled, bad: records.read_summarization(
-        paths[0], columns=_columns(spec), labelled=labelled, on_bad_row=bad)),
+        paths[0], columns=_columns(spec), fmt=spec.format, labelled=labelled,
+        on_bad_row=bad)),
     "aihub-qa": Reader(lambda spec, paths, labelled, bad: records.read_qa(
-        paths[0], columns=_columns(spec), labelled=labelled, on_bad_row=bad)),
+        paths[0], columns=_columns(spec), fmt=spec.format, labelled=labelled,
+        on_bad_row=bad)),
 }
 
 
@@ -304,25 +433,31 @@ class Example:
 
 def _check_columns(spec: TaskSpec, columns: Sequence[str], with_answers: bool) -> None:
     """Fail before the first row if the task asks for a column the records do not have."""
-    needed = [spec.id_column, spec.turns_column]
+    needed = ["id_column", "turns_column"]
     if with_answers and spec.kind == "classification":
-        needed.append(spec.label_column)
-    for name in needed:
+        needed.append("label_column")
+    for field in needed:
+        name = getattr(spec, field)
         if name is not None and name not in columns:
-            raise TemplateError(f"task {spec.name!r} needs the column {name!r}; available "
-                                f"columns: {', '.join(columns)}")
+            raise TemplateError(f"task {spec.name!r}: {KEYS[field]} = {name!r} is not a column; "
+                                f"available columns: {', '.join(columns)}")
     if spec.prompt is not None:
-        check_template(spec.prompt, columns, what=f"prompt template of task {spec.name!r}")
+        check_template(spec.prompt, columns, what=f"{KEYS['prompt']} of task {spec.name!r}")
     if with_answers and spec.answer is not None:
-        check_template(spec.answer, columns, what=f"answer template of task {spec.name!r}")
+        check_template(spec.answer, columns, what=f"{KEYS['answer']} of task {spec.name!r}")
 
 
-def _dialogue(spec: TaskSpec, row: dict[str, Any], number: int) -> Conversation:
+def _dialogue(spec: TaskSpec, row: dict[str, Any], number: int,
+              with_answers: bool) -> Conversation:
+    """The utterances as turns, user first. Without answers (a test file) the conversation
+    ends with a user turn: a dialogue ending with a model turn drops it."""
     utterances = row[spec.turns_column]
-    if not utterances or len(utterances) % 2:
-        raise ValueError(f"task {spec.name!r}: row {number}, field {spec.turns_column!r}: "
-                         f"expected user and model utterances in pairs, got {utterances!r}")
-    return [Turn("user" if i % 2 == 0 else "model", text) for i, text in enumerate(utterances)]
+    if not utterances or (with_answers and len(utterances) % 2):
+        raise records.DataError(
+            f"task {spec.name!r}: row {number}, field {spec.turns_column!r}: expected user and "
+            f"model utterances in pairs, got {len(utterances or ())} utterances")
+    turns = [Turn("user" if i % 2 == 0 else "model", text) for i, text in enumerate(utterances)]
+    return turns if with_answers or len(turns) % 2 else turns[:-1]
 
 
 def _answer(spec: TaskSpec, row: dict[str, Any], number: int) -> str:
@@ -330,8 +465,9 @@ def _answer(spec: TaskSpec, row: dict[str, Any], number: int) -> str:
         return render(spec.answer, row)
     label = row[spec.label_column]
     if label not in spec.label_map:
-        raise ValueError(f"task {spec.name!r}: row {number}, field {spec.label_column!r}: "
-                         f"label {label!r} is not in the label map {spec.label_map}")
+        raise records.DataError(f"task {spec.name!r}: row {number}, field "
+                                f"{spec.label_column!r}: label {label!r} is not one of "
+                                f"{', '.join(repr(k) for k in spec.label_map)} (task.labels)")
     return spec.label_map[label]
 
 
@@ -340,14 +476,15 @@ def build_examples(spec: TaskSpec, frame: pl.DataFrame, *,
     """One Example per row. Without answers (a test file) each conversation ends with the
     user turn the model must answer; a dialogue then drops its last model turn."""
     _check_columns(spec, frame.columns, with_answers)
+    system = [Turn("system", spec.system)] if spec.system else []
     examples = []
     for number, row in enumerate(frame.iter_rows(named=True), start=1):
         example_id = row[spec.id_column] if spec.id_column else number
         if spec.turns_column is not None:
-            turns = _dialogue(spec, row, number)
-            examples.append(Example(example_id, turns if with_answers else turns[:-1]))
+            examples.append(Example(example_id, system + _dialogue(spec, row, number,
+                                                                   with_answers)))
             continue
-        turns = [Turn("user", render(spec.prompt, row))]
+        turns = [*system, Turn("user", render(spec.prompt, row))]
         if with_answers:
             turns.append(Turn("model", _answer(spec, row, number)))
         label = row[spec.label_column] if with_answers and spec.kind == "classification" \

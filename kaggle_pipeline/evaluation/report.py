@@ -17,7 +17,7 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kaggle_pipeline.submission import write_atomically
+from kaggle_pipeline.files import write_atomically
 
 REPORT_NAME = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -70,13 +70,24 @@ def read_loss_curve(path: str | os.PathLike) -> tuple[list[float], list[float]]:
     return steps, losses
 
 
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path) -> list[str]:
-    """Draw the matrix; returns the tick labels used (indices when the labels need a CJK font
-    that is not installed)."""
+def confusion_ticks(labels: Sequence[str], values: Sequence | None,
+                    cjk_font: str | None) -> list[str]:
+    """The axis labels: the label words, with the file's label values when they differ
+    ("1 긍정"); only the values when the words need a CJK font that is not installed (the
+    report then says which word each value stands for)."""
+    words = [str(w) for w in labels]
+    values = [str(v) for v in values] if values is not None else words
+    if cjk_font is None and any(_needs_cjk(w) for w in words):
+        return values if values != words else [str(i) for i in range(len(words))]
+    return [w if v == w else f"{v} {w}" for v, w in zip(values, words, strict=True)]
+
+
+def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path,
+                   values: Sequence | None = None) -> list[str]:
+    """Draw the matrix with the label words (and the file's values) on its axes; returns the
+    tick labels used."""
     font = _cjk_font()
-    ticks = list(labels)
-    if font is None and any(_needs_cjk(t) for t in ticks):
-        ticks = [str(i) for i in range(len(ticks))]
+    ticks = confusion_ticks(labels, values, font)
     size = max(4.0, 0.6 * len(ticks) + 2)
     fig = Figure(figsize=(size, size))
     ax = fig.add_subplot()
@@ -84,8 +95,8 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path) -> lis
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right", family=font or "sans-serif")
     ax.set_yticks(range(len(ticks)), ticks, family=font or "sans-serif")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
     threshold = matrix.max() / 2 if matrix.size else 0
     if len(ticks) <= 30:  # beyond that the numbers do not fit
         for (i, j), count in np.ndenumerate(matrix):
@@ -138,11 +149,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, object],
                  confusion: Sequence[Sequence[int]] | np.ndarray | None = None,
-                 labels: Sequence | None = None,
+                 labels: Sequence | None = None, label_values: Sequence | None = None,
                  loss_curve_jsonl: str | os.PathLike | None = None,
                  per_task: Mapping[str, Mapping[str, float]] | None = None,
                  title: str = "Evaluation report") -> Path:
-    """Write `report.md` and its PNGs into `out_dir`; returns the report's path."""
+    """Write `report.md` and its PNGs into `out_dir`; returns the report's path. `labels` are
+    the words of the confusion matrix's classes, `label_values` their values in the files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "## Metrics", ""]
@@ -155,11 +167,11 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, object],
         names = [str(x) for x in (labels if labels is not None else range(len(matrix)))]
         if len(names) != len(matrix):
             raise ValueError(f"{len(names)} labels for a {len(matrix)}x{len(matrix)} confusion")
-        ticks = plot_confusion(matrix, names, out_dir / CONFUSION_PNG)
+        ticks = plot_confusion(matrix, names, out_dir / CONFUSION_PNG, label_values)
         lines += ["", "## Confusion matrix", "", f"![Confusion matrix]({CONFUSION_PNG})", ""]
-        if ticks != names:
-            lines += ["Axis numbers stand for: "
-                      + ", ".join(f"{i} = {n}" for i, n in enumerate(names)), ""]
+        if any(n not in t for t, n in zip(ticks, names, strict=True)):
+            lines += ["The axes show the labels' values: "
+                      + ", ".join(f"{t} = {n}" for t, n in zip(ticks, names, strict=True)), ""]
         lines += _table(["true \\ predicted", *names],
                         [[n, *row] for n, row in zip(names, matrix.tolist(), strict=True)])
 

@@ -22,6 +22,10 @@ from kaggle_pipeline.files import write_atomically
 from kaggle_pipeline.inference.predictions import decide
 
 VALIDATION_FILE = "validation_predictions.csv"
+# task.metric -> the key of its value among the metrics below.
+METRIC_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "bleu": "bleu", "chrf": "chrf",
+               "chrf++": "chrf_pp", "rouge_1": "rouge1", "rouge_2": "rouge2",
+               "rouge_l": "rougeL", "rouge_l_char": "rougeL_char"}
 # The script a translation's output should be in (metrics.is_script_mismatch); Japanese mixes
 # Kana and Han, so it is left to the reference's dominant script.
 TARGET_SCRIPTS = {"ko": "hangul", "en": "latin", "zh": "han"}
@@ -37,6 +41,7 @@ class Evaluation:
     headline: dict[str, float]
     confusion: list[list[int]] | None = None
     labels: list[str] | None = None
+    label_values: list[str] | None = None  # the labels as the files write them
 
 
 # ----------------------------------------------------------------------------- classification
@@ -99,12 +104,14 @@ def calibrated_classification(scores: np.ndarray, truth: Sequence, labels: Seque
     return {**classification_metrics(truth, calibrated, labels, names), **extra}
 
 
-def classification_evaluation(values: dict, names: Sequence[str]) -> Evaluation:
+def classification_evaluation(values: dict, names: Sequence[str],
+                              label_values: Sequence | None = None) -> Evaluation:
     """The report of `classification_metrics` (or `calibrated_classification`) values."""
     table = {k: v for k, v in values.items() if k != "confusion"}
     return Evaluation("classification", table,
                       {"accuracy": values["accuracy"], "macro_f1": values["macro_f1"]},
-                      values["confusion"], [str(n) for n in names])
+                      values["confusion"], [str(n) for n in names],
+                      None if label_values is None else [str(v) for v in label_values])
 
 
 # ----------------------------------------------------------------------------- generation
@@ -130,6 +137,13 @@ def generation_evaluation(values: dict) -> Evaluation:
                 "ROUGE-L": values["rougeL"], "ROUGE-L (char)": values["rougeL_char"],
                 "language mismatch": values["mismatch_rate"]}
     return Evaluation("generation", values, headline)
+
+
+def with_headline(values: dict, metric: str | None) -> dict:
+    """The metrics with the competition's own first: `metric` (its name) and `score`."""
+    if not metric:
+        return values
+    return {"metric": metric, "score": values[METRIC_KEYS[metric]], **values}
 
 
 # ----------------------------------------------------------------------------- files

@@ -166,11 +166,11 @@ MAX_LABEL_LENGTH = 30  # longer values are texts, not label names
 def infer_kind(predictions: Sequence[str], references: Sequence[str],
                where: str = "the files") -> str:
     """Classification when the values are a few short labels (at most MAX_CLASSES, repeated or
-    whole numbers), generation when they are texts (long, or many different ones); refuses to
-    guess in between."""
+    whole numbers), generation when they are texts (long, of several words, or many different
+    ones); refuses to guess in between."""
     values = set(references) | set(predictions)
-    short = all(len(v) <= MAX_LABEL_LENGTH and "\n" not in v for v in values)
-    if not short or len(values) > MAX_CLASSES:
+    texts = any(len(v) > MAX_LABEL_LENGTH or len(v.split()) > 2 for v in values)
+    if texts or len(values) > MAX_CLASSES:
         return "generation"
     if len(values) < len(references) or all(v.strip().lstrip("-").isdigit() for v in values):
         return "classification"

@@ -1,6 +1,8 @@
 """Build and push the Kaggle kernels under `kernels/<task>/`.
 
     python -m kaggle_pipeline.kernels build <task> --out <dir> [--username U] [--force]
+    python -m kaggle_pipeline.kernels build <name> --config run.toml [section.key=value ...]
+        --out <dir> [--username U] [--dataset SLUG | --competition SLUG] [--force]
     python -m kaggle_pipeline.kernels push <dir>
 
 Every kernel runs the same code, kernels/runner.py; a kernel folder holds only what differs: its
@@ -12,6 +14,15 @@ package and the config beside it show what was bundled. Before that, `build` che
 against the run-config schema (kaggle_pipeline/run_config.py) with its placeholders filled, so a
 wrong key fails here and not an hour into a Kaggle session; a TPU kernel must compute in bfloat16
 on all 8 cores.
+
+`build --config` makes a kernel for any task a run config defines (a [task] of its own, say):
+the kernel folder is the template's (kernels/template: Gemma 2 2B-IT on a TPU v3-8, in bfloat16
+on all 8 cores, its model mount) with the config's data, task, LoRA, optimizer and training
+settings, named <name>. The kernel finds the config's files by their names under the input
+root: data.train, data.test and task.sample_submission become `**/<SLUG>/<file name>`, where
+SLUG is the dataset you upload the files as (--dataset, default `<name>-data`, owned by you) or
+the competition whose files Kaggle mounts (--competition). Settings the TPU needs (e.g.
+data.batch_size a multiple of 8) can be given as section.key=value after the config.
 
 The kernel's owner is filled in from --username, $KAGGLE_USERNAME or the
 `username` field of kaggle.json. No credential value is ever read into the output, printed or
@@ -443,6 +454,23 @@ def _scan_for_secrets(out: Path, secrets: Sequence[str]) -> None:
                                       "the build was removed")
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_out(out: Path, protected: Sequence[Path]) -> None:
+    """Refuse an output folder that holds, or lies inside, a source the build reads (a kernel
+    folder, the runner, the package): --force would delete it."""
+    for path in protected:
+        if _overlaps(out, path):
+            raise KernelError(f"--out {out}: overlaps {path}, which the build reads; build into "
+                              "a folder of its own, e.g. build/kernels/<task>")
+    if out.resolve() in (Path.home().resolve(), Path("/"), Path.cwd().resolve()):
+        raise KernelError(f"--out {out}: build into a folder of its own, e.g. "
+                          "build/kernels/<task>")
+
+
 def build(task: str, out: str | os.PathLike, *, username: str | None = None,
           force: bool = False, kernels_dir: str | os.PathLike = KERNELS_DIR,
           package_dir: str | os.PathLike = PACKAGE_DIR) -> Path:
@@ -450,6 +478,7 @@ def build(task: str, out: str | os.PathLike, *, username: str | None = None,
     and the code file (kernels/runner.py with the task's settings, config and package)."""
     kernels_dir, package_dir, out = Path(kernels_dir), Path(package_dir), Path(out)
     source = kernels_dir / task
+    check_out(out, [source, kernels_dir / RUNNER_FILE, package_dir, KERNELS_DIR, PACKAGE_DIR])
     if not (source / METADATA_FILE).is_file():
         raise KernelError(f"unknown kernel {task!r}: no {source / METADATA_FILE}; known: "
                           f"{', '.join(available_tasks(kernels_dir))}")
@@ -485,6 +514,95 @@ def build(task: str, out: str | os.PathLike, *, username: str | None = None,
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+
+
+# ---------------------------------------------------------------- a kernel from a run config
+
+TEMPLATE = "template"
+_KERNEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{2,48}[a-z0-9]")
+
+
+def _kaggle_path(value: str) -> bool:
+    return value.startswith(("/kaggle/", "${"))
+
+
+def kernel_config(cfg, name: str, template_config: Path, inputs: Mapping[str, str]) -> str:
+    """The run config of a kernel made from `cfg`: its files as the kernel's placeholders, the
+    template's model (unless `cfg` already names one under /kaggle), TPU mesh and outputs."""
+    import dataclasses
+
+    from kaggle_pipeline.run_config import load_config, to_toml
+
+    template = load_config(template_config)
+    model = cfg.model if _kaggle_path(cfg.model.checkpoint) else template.model
+    train = dataclasses.replace(cfg.train, mesh_data=template.train.mesh_data,
+                                mesh_fsdp=template.train.mesh_fsdp,
+                                mesh_model=template.train.mesh_model, predict=True)
+    data = dataclasses.replace(cfg.data, train="${train_file}", test="${test_file}")
+    task = dataclasses.replace(cfg.task, sample_submission="${sample_file}"
+                               if "sample_file" in inputs else "")
+    output = dataclasses.replace(template.output, name=name)
+    kernel = dataclasses.replace(cfg, model=model, train=train, data=data, task=task,
+                                 output=output)
+    header = (f"# Run config of the kernel {name!r}, made by `kernels build --config` from a "
+              "run config:\n# its task and training settings, the template's model, TPU mesh "
+              "and outputs.\n")
+    return header + to_toml(kernel)
+
+
+def kernel_from_config(name: str, config: str | os.PathLike, overrides: Sequence[str],
+                       folder: Path, *, dataset: str | None = None,
+                       competition: str | None = None) -> Path:
+    """Write the kernel folder `folder/<name>` (metadata, kernel.py, config.toml) for the task
+    a run config defines; `build` then turns it into what Kaggle runs."""
+    from kaggle_pipeline.run_config import load_config
+    from kaggle_pipeline.run_setup import input_paths, task_spec
+
+    if not _KERNEL_NAME.fullmatch(name):
+        raise KernelError(f"kernel name {name!r}: 4 to 50 lower-case letters, digits and '-'")
+    if dataset and competition:
+        raise KernelError("give --dataset or --competition, not both")
+    cfg = load_config(config, list(overrides))
+    spec = task_spec(cfg)
+    files = {}
+    for field, key in (("train", "train_file"), ("test", "test_file")):
+        value = getattr(cfg.data, field)
+        paths = input_paths(spec, value, f"data.{field}") if value else None
+        if isinstance(paths, tuple):
+            raise KernelError(f"data.{field}: task {spec.name!r} reads several files; "
+                              "kernels build --config takes tasks that read one file each")
+        if paths is None:
+            raise KernelError(f"data.{field} is empty: a kernel trains and predicts")
+        files[key] = paths.name
+    if spec.sample_submission:
+        files["sample_file"] = Path(spec.sample_submission).name
+    slug = competition or dataset or f"{name}-data"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", slug):
+        raise KernelError(f"--dataset/--competition {slug!r} is not a Kaggle slug")
+    template = KERNELS_DIR / TEMPLATE
+    meta = load_metadata(template)
+    title = " ".join(word.capitalize() for word in f"{name} gemma".split("-"))
+    title = " ".join(title.split())
+    meta = {**meta, "id": f"{PLACEHOLDER_USERNAME}/{_slugify(title)}", "title": title,
+            "dataset_sources": [] if competition else [f"{PLACEHOLDER_USERNAME}/{slug}"],
+            "competition_sources": [competition] if competition else []}
+    template_inputs = read_settings(template / meta["code_file"]).inputs
+    inputs = {key: f"**/{slug}/{file}" for key, file in files.items()}
+    inputs["model_dir"] = template_inputs["model_dir"]
+    reference = Path(spec.sample_submission) if spec.sample_submission else \
+        input_paths(spec, cfg.data.test, "data.test")
+    suffix = reference.suffix.lower() if reference.suffix.lower() in SUBMISSION_SUFFIXES \
+        else ".csv"
+    kernel = folder / name
+    kernel.mkdir(parents=True)
+    (kernel / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (kernel / CONFIG_FILE).write_text(kernel_config(cfg, name, template / CONFIG_FILE, inputs),
+                                      encoding="utf-8")
+    (kernel / meta["code_file"]).write_text(
+        f'"""Kernel {name!r}, made from {Path(config).name} by kernels build --config."""\n\n'
+        f"SUBMISSION_FILE = {'submission' + suffix!r}\nINPUTS = {inputs!r}\n", encoding="utf-8")
+    shutil.copyfile(KERNELS_DIR / RUNNER_FILE, folder / RUNNER_FILE)
+    return kernel
 
 
 # ---------------------------------------------------------------- push
@@ -524,7 +642,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build_cmd = commands.add_parser("build", help="copy kernels/<task> and bundle the package")
-    build_cmd.add_argument("task")
+    build_cmd.add_argument("task", help="a folder of kernels/, or with --config the new "
+                           "kernel's name")
+    build_cmd.add_argument("--config", help="make the kernel from this run config's task")
+    build_cmd.add_argument("overrides", nargs="*", help="with --config: section.key=value")
+    build_cmd.add_argument("--dataset", help="with --config: the dataset slug holding the files "
+                           "(default <name>-data)")
+    build_cmd.add_argument("--competition", help="with --config: the competition whose files "
+                           "the kernel reads")
     build_cmd.add_argument("--out", required=True, type=Path)
     build_cmd.add_argument("--username")
     build_cmd.add_argument("--force", action="store_true",
@@ -534,15 +659,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     push_cmd.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
 
+    if args.command == "build" and args.config is None and (
+            args.overrides or args.dataset or args.competition):
+        parser.error("section.key=value, --dataset and --competition go with --config")
+
     def body() -> int:
-        if args.command == "build":
+        if args.command == "push":
+            return push(args.dir)
+        if args.config is None:
             out = build(args.task, args.out, username=args.username, force=args.force,
                         kernels_dir=args.kernels_dir)
-            print(f"built {out} ({(out / load_metadata(out)['code_file']).stat().st_size} bytes "
-                  "of code); push it with: python -m kaggle_pipeline.kernels push "
-                  f"{out}")
-            return 0
-        return push(args.dir)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                kernel_from_config(args.task, args.config, args.overrides, Path(tmp),
+                                   dataset=args.dataset, competition=args.competition)
+                out = build(args.task, args.out, username=args.username, force=args.force,
+                            kernels_dir=Path(tmp))
+            meta = load_metadata(out)
+            sources = meta["competition_sources"] or meta["dataset_sources"]
+            print(f"the kernel finds its files under {sources[0]} (by their names) and the "
+                  f"model under {meta['model_sources'][0]}")
+        print(f"built {out} ({(out / load_metadata(out)['code_file']).stat().st_size} bytes "
+              "of code); push it with: python -m kaggle_pipeline.kernels push "
+              f"{out}")
+        return 0
 
     return run_command(body)
 

@@ -5,6 +5,8 @@ full-forward loop, generation submissions, and the predict CLI after a tiny trai
 from __future__ import annotations
 
 import functools
+import json
+import re
 from pathlib import Path
 
 import jax
@@ -197,13 +199,14 @@ def test_sampler_equals_a_greedy_full_forward_loop(model, variables, tokenizer):
 def translation_config(tmp_path, test: Path | str, task="aihub-parallel", *extra):
     return load_config(None, [f"data.task={task}", f"data.test={test}", "data.batch_size=2",
                               f"output.dir={tmp_path / 'runs'}", "output.name=t",
-                              f"output.submissions={tmp_path / 'submissions'}", *extra])
+                              f"output.submissions={tmp_path / 'submissions'}",
+                              "task.max_new_tokens=6", *extra])
 
 
 def test_generation_submission_has_every_test_id_once(model, variables, tokenizer, tmp_path):
     cfg = translation_config(tmp_path, FIXTURES / "aihub_parallel_ko_en.csv")
     spec = run_setup.task_spec(cfg)
-    path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
+    path = predict.predict_test(model, variables, tokenizer, spec, cfg)
     assert path.parent == tmp_path / "submissions" and path.suffix == ".csv"
     frame = read_sample(path)
     assert frame.columns == ["id", "en"]
@@ -222,7 +225,7 @@ def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_p
     cfg = translation_config(tmp_path, pair, "dolly-en-ko")
     spec = run_setup.task_spec(cfg)
     records = load_records(spec, run_setup.input_paths(spec, cfg.data.test)).frame
-    path = predict.predict_test(model, variables, tokenizer, spec, cfg, max_new_tokens=6)
+    path = predict.predict_test(model, variables, tokenizer, spec, cfg)
     frame = read_sample(path)
     assert frame.columns == ["id", "ko"]
     assert frame["id"].to_list() == records["id"].to_list()
@@ -250,8 +253,7 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
     spec = run_setup.task_spec(cfg)
     frame = load_records(spec, FIXTURES / "aihub_parallel_ko_en.csv").frame
     examples = build_examples(spec, frame)
-    result = predict.validate_generation(model, variables, tokenizer, spec, examples, cfg,
-                                         limit=2, max_new_tokens=6)
+    result = predict.validate_generation(model, variables, tokenizer, spec, examples[:2], cfg)
     written = read_sample(Path(result["predictions_file"]))
     assert Path(result["predictions_file"]) == cfg.run_dir / validation.VALIDATION_FILE
     assert written.columns == ["id", "prediction", "reference"]
@@ -306,7 +308,10 @@ def test_predict_cli_after_training_writes_the_sample_format(tiny_checkpoint, tm
 
     assert predict.main(args) == 0
     (written,) = (tmp_path / "submissions").iterdir()
-    assert written.name.startswith("tarr-sentiment-") and written.suffix == ".tsv"
+    # Named after the run (output.name), and recorded in the run's summary.json.
+    assert re.fullmatch(r"tiny-\d{8}-\d{6}\.tsv", written.name)
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["submission"] == str(written) and summary["submissions"] == [str(written)]
     test_lines = test_file.read_text(encoding="utf-8").splitlines()
     lines = written.read_text(encoding="utf-8").splitlines()
     assert lines[0] == test_lines[0] + "\tlabel"

@@ -68,6 +68,7 @@ class Workspace:
         checkout = str(Path(train.__file__).resolve().parents[1])
         path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "JAX_COMPILATION_CACHE_DIR": str(self.jax_cache),
+               "JAX_PLATFORMS": "cpu",
                **{name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}}
         return [sys.executable, "-m", "kaggle_pipeline.train"], env
 
@@ -173,7 +174,7 @@ def test_stop_at_max_steps_then_resume_equals_an_unbroken_run(ws, straight, caps
 # ----------------------------------------------------------------------------- 2. SIGTERM
 
 
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(ws, straight, capsys):
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(ws, straight, capsys):
     args = ws.args("sigterm", "train.predict=false")
     run_dir = ws.run_dir("sigterm")
     command, env = ws.cli()
@@ -192,8 +193,8 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(ws, straight, caps
             if proc.poll() is None:
                 proc.kill()
     stderr = (ws.root / "sigterm.err").read_text()
-    assert returncode == 0, stderr
-    found = re.search(r"stopped by signal at step (\d+); checkpoint saved in (\S+)\. "
+    assert returncode == 128 + signal.SIGTERM == 143, stderr  # `train && upload` stops here
+    found = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved in (\S+)\. "
                       r"Run the same command to resume\.", stderr)
     assert found, stderr
     stopped = int(found.group(1))
@@ -266,7 +267,7 @@ def test_non_finite_loss_stops_without_saving_it(ws, monkeypatch, capsys, bad_st
 
 @pytest.mark.parametrize("argv, message", [
     (["nosuch.key=1"], "unknown config section(s) ['nosuch']; known: ['data', 'lora', "
-                       "'model', 'optim', 'output', 'train']"),
+                       "'model', 'optim', 'output', 'task', 'train']"),
     (["train.nosuch=1"], "config section [train]: unknown key(s) ['nosuch']; known: ['epochs', "
                          "'keep', 'max_steps', 'mesh_data', 'mesh_fsdp', 'mesh_model', "
                          "'predict', 'save_every', 'seed']"),
@@ -312,7 +313,7 @@ param_dtype = "bfloat16"
 remat = true
 
 [data]
-task = "dolly-en-ko"
+task = ""
 prompt = "Review: {comment}"
 train = "a/train.csv"
 test = "a/test.csv"
@@ -322,6 +323,27 @@ batch_size = 16
 loss_on = "answer"
 on_bad_row = "skip"
 pack = false
+
+[task]
+kind = "generation"
+format = "csv"
+id_column = "key"
+prompt = "Review: {comment}"
+turns_column = "turns"
+system = "Answer briefly.\\nIn English."
+label_column = "sentiment"
+labels = { "1" = "good", "0" = "bad \\"quoted\\"" }
+answer = "{summary}"
+max_new_tokens = 32
+temperature = 0.7
+top_k = 40
+top_p = 0.9
+source_language = "ko"
+target_language = "en"
+metric = "chrf"
+submission_columns = ["key", "summary"]
+sample_submission = "a/sample_submission.csv"
+validation_size = 50
 
 [lora]
 enabled = false
@@ -438,7 +460,8 @@ def test_outputs_of_a_run_with_and_without_prediction(ws, straight, capsys):
 
     submission = Path(summary["submission"])
     assert submission.parent == ws.root / "submissions" / "predicted"
-    assert re.fullmatch(r"tarr-sentiment-\d{8}-\d{6}\.tsv", submission.name)
+    assert re.fullmatch(r"predicted-\d{8}-\d{6}\.tsv", submission.name)  # output.name
+    assert summary["submissions"] == [str(submission)]
     sample, written = read_sample(ws.test), read_sample(submission)
     assert written.columns == ["id", "comment", "label"]
     assert written["id"].to_list() == sample["id"].to_list()
@@ -472,15 +495,16 @@ def test_full_fine_tuning_saves_the_model_and_guards_its_run_dir(ws, capsys):
                               initial["embedder"]["input_embedding"])
 
     config_before = (run_dir / "config.toml").read_text()
-    for change, section_name in (("lora.enabled=true", "lora"),
-                                 ("optim.learning_rate=0.5", "optim"),
-                                 ("lora.rank=2", "lora")):
+    for change, keys in (("lora.enabled=true", "lora.enabled"),
+                         ("optim.learning_rate=0.5", "optim.learning_rate"),
+                         ("lora.rank=2", "lora.rank")):
         extra = [change] if change.startswith("lora.enabled") else ["lora.enabled=false", change]
-        with pytest.raises(SystemExit) as stopped:
-            train.main([*args, *extra])
-        assert str(stopped.value) == (
-            f"error: {run_dir} holds a run with different [{section_name}] settings; use "
-            f"another output.name or delete {run_dir} to start over")
+        capsys.readouterr()
+        assert train.main([*args, *extra]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {run_dir} holds checkpoints trained from other inputs: the settings "
+            f"{keys} changed. Train into another output.name, or delete {run_dir} to start "
+            "over\n")
     assert (run_dir / "config.toml").read_text() == config_before
     assert _checkpoint_steps(run_dir) == [2]
 

@@ -183,7 +183,8 @@ def infer_kind(predictions: Sequence[str], references: Sequence[str],
 
 def score_classification(predictions: Sequence[str], references: Sequence[str],
                          labels: Sequence[str] | None = None,
-                         names: Sequence[str] | None = None) -> Evaluation:
+                         names: Sequence[str] | None = None,
+                         metric: str | None = None) -> Evaluation:
     """`labels` fixes the label set and order (a task's label map); `names` how they are
     shown. A prediction outside an explicit label set is refused."""
     if labels is None:
@@ -194,14 +195,16 @@ def score_classification(predictions: Sequence[str], references: Sequence[str],
         raise EvaluationError(f"predictions {outside} are not labels of the task ({labels})")
     names = [str(n) for n in (names or labels)]
     values = validation.classification_metrics(references, predictions, labels, names)
-    return validation.classification_evaluation(values, names, labels)
+    return validation.classification_evaluation(validation.with_headline(values, metric), names,
+                                                labels)
 
 
 def score_generation(predictions: Sequence[str], references: Sequence[str],
                      spec=None) -> Evaluation:
     values = validation.generation_metrics(predictions, references,
                                            spec.target_lang if spec is not None else None)
-    return validation.generation_evaluation(values)
+    return validation.generation_evaluation(
+        validation.with_headline(values, spec.metric if spec is not None else None))
 
 
 def score(kind: str, predictions: Sequence[str], references: Sequence[str], spec=None
@@ -212,7 +215,7 @@ def score(kind: str, predictions: Sequence[str], references: Sequence[str], spec
         return score_generation(predictions, references, spec)
     if spec is not None and spec.label_map:
         return score_classification(predictions, references, list(spec.label_map),
-                                    list(spec.label_map.values()))
+                                    list(spec.label_map.values()), spec.metric)
     return score_classification(predictions, references)
 
 

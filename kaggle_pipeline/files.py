@@ -44,6 +44,18 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def readable_by_all(root: Path) -> None:
+    """Folders 0755 and files 0644 (less the umask) under `root`: what writers that use
+    mkstemp (safetensors, mkdtemp) leave readable by their owner only."""
+    umask = _umask()
+    os.chmod(root, 0o755 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o755 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644 & ~umask)
+
+
 def atomic_directory(out_dir: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
     """Fill a temporary directory beside `out_dir`, then rename it into place, replacing any
     old one only once the new one is complete."""
@@ -53,7 +65,7 @@ def atomic_directory(out_dir: str | os.PathLike, fill: Callable[[Path], object])
     old = None
     try:
         fill(tmp)
-        os.chmod(tmp, 0o755 & ~_umask())
+        readable_by_all(tmp)
         if out_dir.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.
             old = tmp.with_name(tmp.name + ".old")

@@ -581,8 +581,8 @@ def kernel_from_config(name: str, config: str | os.PathLike, overrides: Sequence
         raise KernelError(f"--dataset/--competition {slug!r} is not a Kaggle slug")
     template = KERNELS_DIR / TEMPLATE
     meta = load_metadata(template)
-    title = " ".join(word.capitalize() for word in f"{name} gemma".split("-"))
-    title = " ".join(title.split())
+    words = name.split("-")
+    title = " ".join(w.capitalize() for w in words + ([] if "gemma" in words else ["gemma"]))
     meta = {**meta, "id": f"{PLACEHOLDER_USERNAME}/{_slugify(title)}", "title": title,
             "dataset_sources": [] if competition else [f"{PLACEHOLDER_USERNAME}/{slug}"],
             "competition_sources": [competition] if competition else []}
@@ -657,8 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_cmd.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR)
     push_cmd = commands.add_parser("push", help="kaggle kernels push -p <dir>")
     push_cmd.add_argument("dir", type=Path)
-    args = parser.parse_args(argv)
-
+    args, extra = parser.parse_known_args(argv)
+    # section.key=value may also come after the options.
+    settings = [item for item in extra if "=" in item and not item.startswith("-")]
+    if len(settings) != len(extra) or (settings and args.command != "build"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "build":
+        args.overrides = [*args.overrides, *settings]
     if args.command == "build" and args.config is None and (
             args.overrides or args.dataset or args.competition):
         parser.error("section.key=value, --dataset and --competition go with --config")
@@ -671,10 +676,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         kernels_dir=args.kernels_dir)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                kernel_from_config(args.task, args.config, args.overrides, Path(tmp),
-                                   dataset=args.dataset, competition=args.competition)
-                out = build(args.task, args.out, username=args.username, force=args.force,
-                            kernels_dir=Path(tmp))
+                made = kernel_from_config(args.task, args.config, args.overrides, Path(tmp),
+                                          dataset=args.dataset, competition=args.competition)
+                try:
+                    out = build(args.task, args.out, username=args.username,
+                                force=args.force, kernels_dir=Path(tmp))
+                except KernelError as err:  # name the user's file, not the temporary copy
+                    raise KernelError(str(err).replace(
+                        str(made / CONFIG_FILE), f"{args.config} (in the kernel)")) from None
             meta = load_metadata(out)
             sources = meta["competition_sources"] or meta["dataset_sources"]
             print(f"the kernel finds its files under {sources[0]} (by their names) and the "

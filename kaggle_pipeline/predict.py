@@ -128,13 +128,16 @@ def report_title(cfg: RunConfig, spec: TaskSpec, what: str = "") -> str:
     return f"{title}: {what}" if what else title
 
 
-def report_metrics(values: dict) -> dict:
-    """The numbers of a validation result for the report, the competition's metric first."""
-    numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))
-               and not isinstance(v, bool) and k != "score"}
-    if "metric" in values:
-        return {f"{values['metric']} (task.metric)": values["score"], **numbers}
-    return numbers
+def classification_line(result: dict) -> str:
+    """The log line of a classification validation: the competition's metric first."""
+    head = f"validation {result['metric']} {result['score']:.3f}, " if "metric" in result \
+        else "validation "
+    if "auc" not in result:  # more than two labels: argmax, nothing calibrated
+        return (f"{head}accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
+                f"({result['n']} examples)")
+    return (f"{head}accuracy {result['accuracy']:.3f} (threshold {result['threshold']:+.3f} "
+            f"fit on validation; cross-fitted {result['accuracy_cross_fitted']:.3f}, "
+            f"uncalibrated {result['raw_accuracy']:.3f}, AUC {result['auc']:.3f})")
 
 
 def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, variables: dict,
@@ -153,9 +156,7 @@ def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, vari
                                             cfg)
         threshold = result["threshold"]
         out["validation"] = result
-        log(f"validation accuracy {result['accuracy']:.3f} (threshold {threshold:+.3f} fit "
-            f"on validation; cross-fitted {result.get('accuracy_cross_fitted', 0):.3f}, "
-            f"uncalibrated {result['raw_accuracy']:.3f}, AUC {result.get('auc', 0):.3f})")
+        log(classification_line(result))
     elif spec.kind == "generation" and valid_examples:
         out["validation"] = validate_generation(model, variables, tokenizer, spec,
                                                 valid_examples, cfg)
@@ -165,7 +166,7 @@ def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, vari
         out["submission"] = str(path)
         log(f"submission written: {path}")
     report = write_report(
-        cfg.run_dir / "report", metrics=report_metrics(out.get("validation", {})),
+        cfg.run_dir / "report", metrics=validation.report_table(out.get("validation", {})),
         confusion=out.get("validation", {}).get("confusion"),
         labels=list(spec.label_map.values()) if spec.label_map else None,
         label_values=list(spec.label_map) if spec.label_map else None,

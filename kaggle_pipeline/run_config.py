@@ -253,6 +253,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _shown(bound: float) -> str:
+    return f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+
+
 def _check_value(key: str, value) -> None:
     """The key's range (RANGES) or choices (CHOICES); None passes (an unset optional)."""
     if key in RANGES and value is not None:
@@ -260,7 +264,8 @@ def _check_value(key: str, value) -> None:
         if key == "train.mesh_data" and value == 0:
             raise ConfigError(f"{key} = 0: use -1 (the devices left over) or a positive count")
         if not low <= value <= high:
-            raise ConfigError(f"{key} = {value!r} is out of range: allowed {low:g} to {high:g}")
+            raise ConfigError(f"{key} = {value!r} is out of range: allowed {_shown(low)} to "
+                              f"{_shown(high)}")
     if key in CHOICES and value not in CHOICES[key]:
         allowed = CHOICES[key]
         listed = ", ".join(repr(a) for a in allowed if a) + (' or ""' if "" in allowed else "")

@@ -173,7 +173,8 @@ def test_literal_braces_and_braces_in_values():
     ({"kind": "regression"}, "task 'tarr-sentiment': kind 'regression', expected one of "
                              "classification, generation"),
     ({"style": "keras"}, "task 'tarr-sentiment': style 'keras', expected one of chat, plain"),
-    ({"reader": "excel"}, "task 'tarr-sentiment': reader 'excel', expected one of table, tarr, dolly"),
+    ({"reader": "excel"}, "task 'tarr-sentiment': reader 'excel', expected one of table, "
+                          "tarr, dolly"),
     ({"label_map": None}, "task 'tarr-sentiment': classification needs label_column and "
                           "label_map"),
     ({"label_map": {1: "좋음", 0: "좋음 "}}, "task 'tarr-sentiment': label words must be "
@@ -208,8 +209,8 @@ def test_missing_id_column_is_named():
     frame = pl.DataFrame({"comment": ["맛있어요"], "label": [1]})
     with pytest.raises(TemplateError) as err:
         build_examples(get_task(), frame)
-    assert str(err.value) == ("task 'tarr-sentiment': task.id_column = 'id' is not a column; available columns: "
-                              "comment, label")
+    assert str(err.value) == ("task 'tarr-sentiment': task.id_column = 'id' is not a column; "
+                              "available columns: comment, label")
 
 
 # ----------------------------------------------------------------------------- other tasks

@@ -107,7 +107,7 @@ def calibrated_classification(scores: np.ndarray, truth: Sequence, labels: Seque
 def classification_evaluation(values: dict, names: Sequence[str],
                               label_values: Sequence | None = None) -> Evaluation:
     """The report of `classification_metrics` (or `calibrated_classification`) values."""
-    table = {k: v for k, v in values.items() if k != "confusion"}
+    table = report_table({k: v for k, v in values.items() if k != "confusion"})
     return Evaluation("classification", table,
                       {"accuracy": values["accuracy"], "macro_f1": values["macro_f1"]},
                       values["confusion"], [str(n) for n in names],
@@ -132,11 +132,11 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str],
 
 def generation_evaluation(values: dict) -> Evaluation:
     """The report of `generation_metrics` values; the plot's scores all on 0-1."""
-    values = {k: v for k, v in values.items() if k != "predictions_file"}
     headline = {"BLEU/100": values["bleu"] / 100, "chrF/100": values["chrf"] / 100,
                 "ROUGE-L": values["rougeL"], "ROUGE-L (char)": values["rougeL_char"],
                 "language mismatch": values["mismatch_rate"]}
-    return Evaluation("generation", values, headline)
+    return Evaluation("generation", {**report_table(values),
+                                     "bleu_signature": values["bleu_signature"]}, headline)
 
 
 def with_headline(values: dict, metric: str | None) -> dict:
@@ -144,6 +144,15 @@ def with_headline(values: dict, metric: str | None) -> dict:
     if not metric:
         return values
     return {"metric": metric, "score": values[METRIC_KEYS[metric]], **values}
+
+
+def report_table(values: dict) -> dict:
+    """The numbers of a result for a report's table, the competition's metric first."""
+    numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))
+               and not isinstance(v, bool) and k != "score"}
+    if "metric" in values:
+        return {f"{values['metric']} (task.metric)": values["score"], **numbers}
+    return numbers
 
 
 # ----------------------------------------------------------------------------- files

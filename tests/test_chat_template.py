@@ -28,6 +28,23 @@ OFFICIAL_GEMMA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
+# The system-prompt part of google/gemma-3-*-it's chat template: Gemma has no system role, the
+# system text and a blank line go before the first user turn's (trimmed) text.
+OFFICIAL_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 CONVERSATION = [
     Turn("user", "이 식당 어때요? 솔직하게 알려주세요."),
     Turn("model", "ㄹㅇ 맛집이에요 ㅋㅋ 국밥 한 그릇에 9,000원 👌"),
@@ -43,11 +60,12 @@ def tok(gemma3_tokenizer) -> Tokenizer:
     return gemma3_tokenizer
 
 
-def _official(turns: list[Turn], add_generation_prompt: bool = False) -> str:
+def _official(turns: list[Turn], add_generation_prompt: bool = False,
+              template: str = OFFICIAL_GEMMA_TEMPLATE) -> str:
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    template = jinja2.Environment().from_string(OFFICIAL_GEMMA_TEMPLATE)
+    template = jinja2.Environment().from_string(template)
     messages = [{"role": "assistant" if t.role == "model" else t.role, "content": t.text}
                 for t in turns]
     return template.render(messages=messages, bos_token="<bos>", raise_exception=raise_exception,
@@ -84,6 +102,25 @@ def test_render_chat_matches_the_official_template():
         assert render_chat(turns) == _official(turns)
         if turns[-1].role == "user":
             assert render_chat(turns, add_generation_prompt=True) == _official(turns, True)
+
+
+def test_a_system_turn_goes_before_the_first_user_turn_as_gemma3_does(tok):
+    system = Turn("system", "You are a helpful assistant. 답은 한 단어로.")
+    for turns in ([system, *CONVERSATION], [system, CONVERSATION[0]], [system, *CONVERSATION[:3]]):
+        assert render_chat(turns) == _official(turns, template=OFFICIAL_GEMMA3_TEMPLATE)
+        if turns[-1].role == "user":
+            assert render_chat(turns, add_generation_prompt=True) == _official(
+                turns, True, OFFICIAL_GEMMA3_TEMPLATE)
+        # Without a system turn the Gemma 3 template is the Gemma 2 one.
+        assert _official(turns[1:], template=OFFICIAL_GEMMA3_TEMPLATE) == render_chat(turns[1:])
+        encoded = encode_conversation(tok, turns)
+        assert encoded.ids.tolist() == tok.encode(render_chat(turns))
+        assert not encoded.target_mask[:len(encode_prompt(tok, turns[:2]))].any()
+    plain = render_plain([system, Turn("user", "요약해 주세요"), Turn("model", "네.")])
+    assert plain == ("<bos>Instruction:\nYou are a helpful assistant. 답은 한 단어로.\n\n"
+                     "요약해 주세요\n\nResponse:\n네.<eos>")
+    with pytest.raises(ValueError, match="a system turn may only come first"):
+        render_chat([CONVERSATION[0], system])
 
 
 def test_render_plain_exact_string():

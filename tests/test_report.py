@@ -76,3 +76,31 @@ def test_confusion_shape_errors(tmp_path):
         write_report(tmp_path, metrics={}, confusion=np.zeros((2, 3)))
     with pytest.raises(ValueError, match="3 labels for a 2x2"):
         write_report(tmp_path, metrics={}, confusion=np.eye(2), labels=["a", "b", "c"])
+
+
+def test_confusion_axes_show_the_labels_as_the_data_writes_them(tmp_path, monkeypatch):
+    from kaggle_pipeline.evaluation import report
+
+    # With a font for the words: value and word; without one: the file's values, never 0/1
+    # positions that the data may use the other way round.
+    assert report.confusion_ticks(["긍정", "부정"], [1, 0], "Noto Sans CJK KR") == [
+        "1 긍정", "0 부정"]
+    assert report.confusion_ticks(["긍정", "부정"], [1, 0], None) == ["1", "0"]
+    assert report.confusion_ticks(["pos", "neg"], [1, 0], None) == ["1 pos", "0 neg"]
+    assert report.confusion_ticks(["cat", "dog"], ["cat", "dog"], None) == ["cat", "dog"]
+    monkeypatch.setattr(report, "_cjk_font", lambda: None)
+    text = write_report(tmp_path, metrics={}, confusion=[[3, 1], [0, 4]],
+                        labels=["긍정", "부정"], label_values=[1, 0]).read_text()
+    assert "The axes show the labels' values: 1 = 긍정, 0 = 부정" in text
+    assert "| 긍정 | 3 | 1 |" in text
+
+
+def test_the_report_title_names_the_task_once():
+    from kaggle_pipeline.predict import report_title
+    from kaggle_pipeline.run_config import load_config
+    from kaggle_pipeline.run_setup import task_spec
+
+    main_job = load_config(None)
+    assert report_title(main_job, task_spec(main_job)) == "tarr-sentiment"
+    seed = load_config(None, ["output.name=s1"])
+    assert report_title(seed, task_spec(seed), "validation") == "s1 (tarr-sentiment): validation"

@@ -349,3 +349,66 @@ def test_split_without_strata_and_edge_fractions():
         train_validation_split(frame, validation_fraction=1.0, seed=3)
     with pytest.raises(ValueError, match="cannot stratify by 'label'"):
         train_validation_split(frame, validation_fraction=0.5, seed=3, stratify_by="label")
+
+
+# ----------------------------------------------------------------------------- [task] section
+
+
+def _task(*overrides: str):
+    from kaggle_pipeline.run_config import load_config
+    from kaggle_pipeline.run_setup import task_spec
+
+    return task_spec(load_config(None, list(overrides)))
+
+
+def test_presets_adjusted_by_task_keys():
+    assert _task() == get_task("tarr-sentiment")  # the main job's task, unchanged
+    reverse = _task("data.task=aihub-parallel", "task.source_language=en",
+                    "task.target_language=ko")
+    assert reverse.prompt == "Translate the following English text into Korean.\n\n{en}"
+    assert (reverse.answer, reverse.output_columns) == ("{ko}", ("id", "ko"))
+    three = _task('task.labels={"2" = "중립", "1" = "긍정", "0" = "부정"}', "task.metric=macro_f1")
+    assert three.label_map == {2: "중립", 1: "긍정", 0: "부정"}  # the reader's integer labels
+    assert three.prompt == "리뷰: {comment}\n이 리뷰는 중립인가요 긍정인가요 부정인가요?"
+    assert three.metric == "macro_f1" and three.reader == "tarr"
+    with pytest.raises(ValueError, match="task.labels: 'pos' is not an integer, and task "
+                                         "'tarr-sentiment' reads integer labels"):
+        _task('task.labels={pos = "좋음", neg = "나쁨"}')
+    with pytest.raises(ValueError, match="metric 'bleu' does not score a classification task"):
+        _task("task.metric=bleu")
+
+
+def test_a_task_of_its_own_reads_exactly_its_columns(tmp_path):
+    spec = _task("task.kind=generation", "task.prompt=Q: {question}", "task.answer={reply}",
+                 "task.system=Be brief.", "output.name=qa")
+    assert (spec.name, spec.reader, spec.output_columns) == ("qa", "table", ("id", "reply"))
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"question": "하나?", "reply": "둘", "extra": [1]}\n'
+                     '{"question": "셋?", "reply": "넷", "extra": null}\n', encoding="utf-8")
+    examples = build_examples(spec, load_records(spec, train).frame)
+    assert [e.id for e in examples] == ["1", "2"]  # no id column: row positions
+    assert examples[0].conversation == [Turn("system", "Be brief."), user("Q: 하나?"),
+                                        model("둘")]
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"question": ""}\n{"question": "다섯?"}\n', encoding="utf-8")
+    blind = build_examples(spec, load_records(spec, test, labelled=False).frame,
+                           with_answers=False)
+    assert [e.prompt[-1].text for e in blind] == ["Q: ", "Q: 다섯?"]  # an empty one is kept
+
+    labelled = _task("task.kind=classification", "task.prompt={text}", "task.id_column=key",
+                     "task.label_column=y", 'task.labels={"1" = "yes", "0" = "no"}')
+    assert labelled.output_columns == ("key", "y")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"key": 17, "text": "a", "y": 1}\n{"key": 18, "text": "b", "y": 0}\n')
+    frame = load_records(labelled, rows).frame
+    assert frame["key"].to_list() == ["17", "18"] and frame["y"].to_list() == ["1", "0"]
+    assert [e.label for e in build_examples(labelled, frame)] == ["1", "0"]
+    with pytest.raises(ValueError, match=r"missing column 'y' \(task.label_column\); the file "
+                                         r"has columns: 'key', 'text'"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("key,text\n1,a\n", encoding="utf-8")
+        load_records(labelled, bad)
+    with pytest.raises(ValueError, match=r"line 2, field 'key': duplicate value '17' \(first "
+                                         r"at line 1\)"):
+        rows.write_text('{"key": 17, "text": "a", "y": 1}\n{"key": 17, "text": "b", "y": 0}\n')
+        load_records(labelled, rows)

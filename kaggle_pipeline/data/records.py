@@ -472,7 +472,8 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str],
             record[name] = value
         return record
 
-    checked = _collect(path, rows, check, on_bad_row, unique=unique)
+    checked = _collect(path, rows, check, on_bad_row,
+                       unique=[name for name in unique if name in present])
     return checked.result({name: pl.Int64 if name in int_fields else
                            pl.List(pl.String) if name in list_fields else pl.String
                            for name in present})

@@ -3,6 +3,7 @@ never half of one, and an interrupted write leaves the old version in place."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
         temp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`; None when the file is missing, unreadable or holds no object
+    (a cache or a summary that can be rebuilt, never a user's input)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from kaggle_pipeline.cli import run_command
 from kaggle_pipeline.errors import UserError
+from kaggle_pipeline.files import read_json_object
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = PACKAGE_DIR.parent / "kernels"
@@ -210,11 +211,7 @@ def kaggle_config_dir() -> Path:
 
 
 def _read_json_fields(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) or {}
 
 
 def _nonempty_file(path: Path) -> bool:

@@ -31,7 +31,7 @@ from kaggle_pipeline.cli import log, run_command
 from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import validation
-from kaggle_pipeline.files import write_text_atomically
+from kaggle_pipeline.files import read_json_object, write_text_atomically
 from kaggle_pipeline.inference.predictions import classify, decide, generate
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.run_config import RunConfig, load_config
@@ -194,12 +194,7 @@ def recomputed_threshold(cfg: RunConfig, spec: TaskSpec, model: Transformer, var
 def record_submission(cfg: RunConfig, path: Path) -> None:
     """Add the submission to the run's summary.json (`submissions`, newest last)."""
     summary_path = cfg.run_dir / SUMMARY_FILE
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        summary = {}
-    if not isinstance(summary, dict):
-        summary = {}
+    summary = read_json_object(summary_path) or {}
     summary["submission"] = str(path)
     summary.setdefault("submissions", []).append(str(path))
     write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False))

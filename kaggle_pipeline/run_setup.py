@@ -391,13 +391,9 @@ def load_model_config(path: Path) -> ModelConfig | None:
 def saved_threshold(cfg: RunConfig) -> float | None:
     """The binary decision threshold calibrated on validation by the training run; None when
     the run wrote no summary (it stopped before validating)."""
-    summary = cfg.run_dir / "summary.json"
-    if not summary.exists():
-        return None
-    try:
-        values = json.loads(summary.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    threshold = values.get("validation", {}).get("threshold") if isinstance(values, dict) \
-        else None
+    from kaggle_pipeline.files import read_json_object
+
+    values = read_json_object(cfg.run_dir / "summary.json") or {}
+    validation = values.get("validation")
+    threshold = validation.get("threshold") if isinstance(validation, dict) else None
     return float(threshold) if isinstance(threshold, (int, float)) else None

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from kaggle_pipeline.files import write_text_atomically
+from kaggle_pipeline.files import read_json_object, write_text_atomically
 
 IDENTITY_FILE = "identity.json"
 _CACHE_NAME = "file_hashes.json"
@@ -29,11 +29,7 @@ def cache_dir() -> Path:
 
 
 def _read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
+    return read_json_object(path) or {}
 
 
 def file_hash(path: str | os.PathLike, cache: Path | None = None) -> str:
@@ -107,14 +103,7 @@ def differences(saved: Mapping, current: Mapping) -> list[str]:
 
 
 def load(run_dir: Path) -> dict | None:
-    path = run_dir / IDENTITY_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    return saved if isinstance(saved, dict) else None
+    return read_json_object(run_dir / IDENTITY_FILE)
 
 
 def save(run_dir: Path, value: Mapping) -> None:

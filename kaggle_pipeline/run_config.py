@@ -15,6 +15,7 @@ by the generic table reader). Unset keys ("" / no value) keep the preset's or th
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -287,9 +288,9 @@ def _check_together(cfg: RunConfig) -> None:
     if not cfg.model.checkpoint and not cfg.model.preset:
         raise ConfigError("model.checkpoint is empty: set it, or set model.preset to start from "
                           "random weights")
-    if not cfg.output.name or Path(cfg.output.name).name != cfg.output.name \
-            or cfg.output.name in (".", ".."):
-        raise ConfigError(f"output.name = {cfg.output.name!r}: expected a plain folder name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.output.name):
+        raise ConfigError(f"output.name = {cfg.output.name!r}: the run's folder and submission "
+                          "name: letters, digits, '-', '_' or '.', starting with a letter or digit")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -147,6 +147,8 @@ def test_a_classification_competition_from_a_toml_file_only(workspace):
 
     out = _ok(_cli("train", "--config", "comp.toml", cwd=folder, cache=cache))
     assert "24 training and 6 validation examples" in out
+    # stdout is no terminal: one log line per tenth of the steps, no redrawn progress bar.
+    assert "\r" not in out and out.count("train: 1/2 step") == out.count("train: 2/2 step") == 1
     assert "6 test rows to predict after training" in out
     assert re.search(r"validation macro_f1 \d\.\d{3}, accuracy \d\.\d{3}, macro-F1", out)
     run = folder / "runs" / "animals"

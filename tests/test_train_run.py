@@ -590,6 +590,8 @@ def _nothing_written(ws, name):
                          "'float16'"),
     ("train.mesh_data=0", "train.mesh_data = 0: use -1 (the devices left over) or a positive "
                           "count"),
+    ("output.name=my run", "output.name = 'my run': the run's folder and submission name: "
+                           "letters, digits, '-', '_' or '.', starting with a letter or digit"),
     ("train.mesh_fsdp=3", "train.mesh_data x mesh_fsdp x mesh_model = -1 x 3 x 1: 1 devices do "
                           "not split into fsdp=3 x model=1"),
     ("data.prompt=리뷰: {0}", "[task]: template '리뷰: {0}': placeholder {0} must be a column "

@@ -95,18 +95,20 @@ def input_paths(spec: TaskSpec, value: str | Sequence[str], field: str = "data.t
                 ) -> Path | tuple[Path, ...]:
     """A data.train / data.test value as the task's reader takes it: one path, or as many as
     the reader reads (Dolly's English and Korean files), written "a.jsonl,b.jsonl" or as a
-    TOML list."""
+    TOML list. A test file may be fewer files when the reader says so (Dolly: the source
+    language's file alone)."""
     from kaggle_pipeline.data.tasks import reader_of
 
     reader = reader_of(spec)
+    counts = reader.counts(labelled=field != "data.test")
     parts = [value] if isinstance(value, str) else [str(v) for v in value]
     if reader.files > 1 and isinstance(value, str):
         parts = [p.strip() for p in value.split(",")]
-    if len(parts) != reader.files or not all(parts):
+    if len(parts) not in counts or not all(parts):
         raise UserError(f"{field}: task {spec.name!r} reads {reader.describe_files()}; "
                         f"got {value!r}")
     paths = tuple(resolve_input(p) for p in parts)
-    return paths[0] if reader.files == 1 else paths
+    return paths[0] if len(paths) == 1 else paths
 
 
 def read_examples(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Example], list[Example]]:

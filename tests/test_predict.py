@@ -270,8 +270,11 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
 
 
 def test_input_paths_errors_name_the_field():
-    with pytest.raises(ValueError, match="data.test: task 'dolly-en-ko' reads two files"):
-        run_setup.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.test")
+    with pytest.raises(ValueError, match="data.train: task 'dolly-en-ko' reads two files"):
+        run_setup.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.train")
+    # A blind test set is the source language's file alone.
+    assert run_setup.input_paths(get_task("dolly-en-ko"), "en.jsonl", "data.test").name == \
+        "en.jsonl"
     with pytest.raises(ValueError, match="data.train: task 'tarr-sentiment' reads one file"):
         run_setup.input_paths(get_task("tarr-sentiment"), ["a.tsv", "b.tsv"], "data.train")
 

@@ -205,6 +205,16 @@ def test_dolly_needs_two_paths():
         load_records(get_task("dolly-en-ko"), FIXTURES / "dolly_en.jsonl")
 
 
+def test_a_blind_dolly_test_set_is_the_english_file_alone():
+    task = get_task("dolly-en-ko")
+    pair = [FIXTURES / "dolly_en.jsonl", FIXTURES / "dolly_ko.jsonl"]
+    paired = build_examples(task, load_records(task, pair, labelled=False).frame,
+                            with_answers=False)
+    alone = build_examples(task, load_records(task, pair[:1], labelled=False).frame,
+                           with_answers=False)
+    assert alone == paired and len(alone) > 3
+
+
 def test_missing_id_column_is_named():
     frame = pl.DataFrame({"comment": ["맛있어요"], "label": [1]})
     with pytest.raises(TemplateError) as err:

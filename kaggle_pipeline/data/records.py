@@ -558,6 +558,29 @@ def read_dolly_pairs(en_path: str | os.PathLike, ko_path: str | os.PathLike, *,
     return _Checked(pairs, wheres, indices, skipped, en.rows_read).result(schema)
 
 
+def read_dolly_source(path: str | os.PathLike, language: str, *,
+                      on_bad_row: str = "error") -> ReadResult:
+    """One Dolly file alone (a blind test set: the texts to translate, no translation), split
+    like `read_dolly_pairs` into its instruction, context and response texts. Frame: `id`
+    ("<record>-<field>"), `record`, `field`, `category` and the text under `language`."""
+    path = Path(path)
+    table = read_table(path, fmt="jsonl", required=["instruction", "response", "category"],
+                       optional=["context"], on_bad_row=on_bad_row)
+    rows, wheres, indices = [], [], []
+    for index, where, row in zip(table.row_index, table.row_where,
+                                 table.frame.iter_rows(named=True), strict=True):
+        for field in DOLLY_TEXT_FIELDS:
+            text = row.get(field) or ""
+            if text.strip():
+                rows.append({"id": f"{index + 1}-{field}", "record": index + 1, "field": field,
+                             "category": row["category"], language: text})
+                wheres.append(where)
+                indices.append(index)
+    schema = {"id": pl.String, "record": pl.Int64, "field": pl.String, "category": pl.String,
+              language: pl.String}
+    return _Checked(rows, wheres, indices, list(table.skipped), table.rows_read).result(schema)
+
+
 def _dig(values: dict[str, Any], *keys: str) -> Any:
     value: Any = values
     for depth, key in enumerate(keys):

@@ -311,6 +311,13 @@ class Reader:
     read: Callable[[TaskSpec, tuple[str | os.PathLike, ...], bool, str], records.ReadResult]
     files: int = 1
     files_described: str = "one file"
+    blind_files: int | None = None  # a test file without answers may be fewer files
+
+    def counts(self, labelled: bool) -> tuple[int, ...]:
+        """How many paths a read takes."""
+        if labelled or self.blind_files is None:
+            return (self.files,)
+        return (self.files, self.blind_files)
 
     def describe_files(self) -> str:
         return self.files_described
@@ -374,9 +381,11 @@ READER_TABLE: dict[str, Reader] = {
         columns=_columns(spec), fmt=spec.format or records.suffix_format(paths[0], "tsv"),
         on_bad_row=bad)),
     "dolly": Reader(lambda spec, paths, labelled, bad: records.read_dolly_pairs(
-        paths[0], paths[1], on_bad_row=bad), files=2,
+        paths[0], paths[1], on_bad_row=bad) if len(paths) == 2 else records.read_dolly_source(
+        paths[0], spec.source_lang, on_bad_row=bad), files=2,
         files_described="two files, English and Korean JSON lines, written "
-                        "'english.jsonl,korean.jsonl'"),
+                        "'english.jsonl,korean.jsonl' (a test file: the source language's alone "
+                        "will do)", blind_files=1),
     "aihub-dialogue": Reader(lambda spec, paths, labelled, bad: records.read_aihub_dialogue(
         paths[0], on_bad_row=bad)),
     "aihub-parallel": Reader(lambda spec, paths, labelled, bad: records.read_parallel(
@@ -401,7 +410,7 @@ def load_records(spec: TaskSpec, path: str | os.PathLike | Sequence[str | os.Pat
     (Dolly: English, Korean)."""
     reader = reader_of(spec)
     paths = (path,) if isinstance(path, (str, os.PathLike)) else tuple(path)
-    if len(paths) != reader.files:
+    if len(paths) not in reader.counts(labelled):
         raise ValueError(f"task {spec.name!r} reads {reader.describe_files()}; got {path!r}")
     return reader.read(spec, paths, labelled, on_bad_row)
 

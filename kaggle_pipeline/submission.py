@@ -232,6 +232,11 @@ def check_sample(spec, test_file: Path, ids: list) -> None:
     if id_col not in sample.columns:
         raise SubmissionError(f"{name}: no id column {id_col!r} (task.id_column); the file has "
                               f"columns: {', '.join(repr(c) for c in sample.columns)}")
+    answer = answer_column(spec)
+    if answer not in sample.columns:
+        raise SubmissionError(f"{name}: no column {answer!r} for the predictions (columns: "
+                              f"{', '.join(sample.columns)}); name it with "
+                              "task.submission_columns, the answer's column last")
     sample_ids = _as_text(sample[id_col])
     test_ids = {str(i) for i in ids}
     missing = [i for i in sample_ids if i not in test_ids]
@@ -254,6 +259,7 @@ def write_task_submission(spec, test_file: Path, root: str | os.PathLike, ids: l
     (appended when the base lacks it). task.submission_columns then picks and orders the columns.
     Classification labels must be the task's; generation answers are text on one line.
     """
+    check_sample(spec, test_file, ids)
     base, name, sep = _base(spec, test_file, ids)
     path = submission_path(run_name or spec.name, "tsv" if sep == "\t" else "csv", root=root)
     id_col, label_col = spec.id_column or "id", answer_column(spec)

@@ -133,3 +133,29 @@ def test_submission_path():
         submission_path("t", "json", now)
     with pytest.raises(ValueError, match="output.name '../evil': a submission name must be"):
         submission_path("../evil", "csv", now)
+
+
+def test_a_sample_submission_fixes_rows_columns_and_the_answer_column(tmp_path):
+    from kaggle_pipeline.data.tasks import define_task
+    from kaggle_pipeline.submission import write_task_submission
+
+    test = tmp_path / "test.csv"
+    test.write_text("id,text\nb7,x\na3,y\n", encoding="utf-8")
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("id,target,Usage\na3,0,Public\nb7,0,Private\n", encoding="utf-8")
+    fields = dict(kind="classification", prompt="{text}", label_column="label",
+                  label_map={"1": "yes", "0": "no"}, sample_submission=str(sample))
+    # The train file's label column is 'label', the sample's prediction column 'target'.
+    with pytest.raises(SubmissionError, match=r"sample_submission.csv: no column 'label' for the "
+                                              r"predictions \(columns: id, target, Usage\); "
+                                              r"name it with task.submission_columns"):
+        write_task_submission(define_task(None, "c", **fields), test, tmp_path / "s",
+                              ["b7", "a3"], ["1", "0"], run_name="c")
+    spec = define_task(None, "c", **fields, output_columns=("id", "target"))
+    path = write_task_submission(spec, test, tmp_path / "s", ["b7", "a3"], ["1", "0"],
+                                 run_name="c")
+    assert path.read_text().splitlines() == ["id,target,Usage", "a3,0,Public", "b7,1,Private"]
+    with pytest.raises(SubmissionError, match=r"1 test ids are not in .*sample_submission.csv: "
+                                              r"'c9'"):
+        write_task_submission(spec, test, tmp_path / "s", ["b7", "a3", "c9"], ["1", "0", "1"])
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [path.name]

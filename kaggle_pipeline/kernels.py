@@ -541,9 +541,10 @@ def kernel_config(cfg, name: str, template_config: Path, inputs: Mapping[str, st
     output = dataclasses.replace(template.output, name=name)
     kernel = dataclasses.replace(cfg, model=model, train=train, data=data, task=task,
                                  output=output)
+    whose = "its own" if model is cfg.model else "the template's"
     header = (f"# Run config of the kernel {name!r}, made by `kernels build --config` from a "
-              "run config:\n# its task and training settings, the template's model, TPU mesh "
-              "and outputs.\n")
+              f"run config:\n# its task and training settings, {whose} model, the template's "
+              "TPU mesh and outputs.\n")
     return header + to_toml(kernel)
 
 

@@ -279,6 +279,12 @@ _TRAINING_KEYS = {
 }
 
 
+# What predicting compares with the run's identity: the LoRA settings and the task's
+# conversations (batch sizes, dtypes and file formats may change for prediction).
+_PREDICT_PREFIXES = ("lora.", "task.", "data.task", "data.prompt", "model.preset")
+_PREDICT_FREE = {"task.format", "task.id_column", "lora.dropout"}
+
+
 def run_identity(cfg: RunConfig, spec: TaskSpec, *, with_train: bool = True) -> dict:
     """What the run is trained from: the train file(s), the checkpoint and tokenizer files
     (by content) and the training settings."""
@@ -318,7 +324,14 @@ def check_trained_from(cfg: RunConfig, spec: TaskSpec) -> None:
     if saved is None:
         return
     current = run_identity(cfg, spec, with_train=False)
-    changed = identity.differences({**saved, "train": {}}, current)
+
+    def asked(value: dict) -> dict:
+        """What the model is and how it is asked; not how to batch, train or read files."""
+        settings = {k: v for k, v in value.get("settings", {}).items()
+                    if k.startswith(_PREDICT_PREFIXES) and k not in _PREDICT_FREE}
+        return {"model": value.get("model", {}), "settings": settings}
+
+    changed = identity.differences(asked(saved), asked(current))
     if changed:
         raise RunChanged(f"{cfg.run_dir} was trained from other inputs: {'; '.join(changed)}. "
                          "Predict with the run's own config (its config.toml) or train again")

@@ -323,6 +323,15 @@ def test_predict_cli_after_training_writes_the_sample_format(tiny_checkpoint, tm
         kept, _, label = line.rpartition("\t")
         assert kept == original and label in ("0", "1")
 
+    # Prediction may batch differently; it may not ask the trained model another question.
+    capsys.readouterr()
+    assert predict.main([*args, "data.batch_size=1"]) == 0
+    assert predict.main([*args, "data.prompt=평가: {comment}"]) == 2
+    run = tmp_path / "runs" / "tiny"
+    assert capsys.readouterr().err == (
+        f"error: {run} was trained from other inputs: the settings data.prompt changed. Predict "
+        "with the run's own config (its config.toml) or train again\n")
+
 
 def test_predict_cli_without_an_adapter_fails_clearly(tmp_path, capsys, monkeypatch):
     # Nothing is loaded before the check: a missing model would fail differently.

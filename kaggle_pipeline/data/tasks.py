@@ -133,7 +133,8 @@ class TaskSpec:
                 raise ValueError(f"task {self.name!r}: {what} {value!r}, expected one of "
                                  f"{', '.join(allowed)}")
         if self.turns_column is None and self.prompt is None:
-            raise ValueError(f"task {self.name!r}: needs a prompt template or a turns column")
+            raise ValueError(f"task {self.name!r}: needs a prompt template or a turns column "
+                             "(task.prompt or task.turns_column)")
         if self.turns_column is not None and self.style == "plain":
             raise ValueError(f"task {self.name!r}: the plain style holds one exchange; "
                              "a dialogue needs the chat style")
@@ -143,13 +144,14 @@ class TaskSpec:
         if self.kind == "classification":
             if not self.label_column or not self.label_map:
                 raise ValueError(f"task {self.name!r}: classification needs label_column and "
-                                 "label_map")
+                                 "label_map (task.label_column and task.labels)")
             words = [word.strip() for word in self.label_map.values()]
             if len(set(words)) != len(words) or not all(words):
                 raise ValueError(f"task {self.name!r}: label words must be distinct and "
                                  f"non-empty, got {self.label_map}")
         elif self.turns_column is None and self.answer is None:
-            raise ValueError(f"task {self.name!r}: a generation task needs an answer template")
+            raise ValueError(f"task {self.name!r}: a generation task needs an answer template "
+                             "(task.answer) or a turns column (task.turns_column)")
         if self.metric is not None and METRICS.get(self.metric) != self.kind:
             raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not score a "
                              f"{self.kind} task")

@@ -356,11 +356,9 @@ def read_task_table(spec: TaskSpec, path: str | os.PathLike, labelled: bool,
         required.append(spec.label_column)
         described[spec.label_column] = KEYS["label_column"]
     optional = []
-    if spec.id_column in required:
-        pass
-    elif spec.id_column == "id":  # the default: a file without ids numbers its rows
-        optional.append("id")
-    else:
+    if spec.id_column == "id" and "id" not in required:
+        optional.append("id")  # the default: a file without ids numbers its rows
+    elif spec.id_column not in required:
         required.insert(0, spec.id_column)
         described[spec.id_column] = KEYS["id_column"]
     labels = {spec.label_column: [str(k) for k in spec.label_map]} \

@@ -285,6 +285,11 @@ def _check_together(cfg: RunConfig) -> None:
     if not cfg.task.kind and not cfg.data.task:
         raise ConfigError("no task: set data.task to a built-in task "
                           f"({', '.join(TASK_NAMES)}) or define one with task.kind")
+    if cfg.task.temperature:
+        # inference.predictions.generate takes only max_new_tokens in this build; refuse rather
+        # than decode greedily in silence. (Goes when generate takes the SamplingConfig.)
+        raise ConfigError(f"task.temperature = {cfg.task.temperature}: sampled decoding is not "
+                          "available in this build, only greedy (task.temperature = 0)")
     if not cfg.model.checkpoint and not cfg.model.preset:
         raise ConfigError("model.checkpoint is empty: set it, or set model.preset to start from "
                           "random weights")

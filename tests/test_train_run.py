@@ -340,7 +340,7 @@ label_column = "sentiment"
 labels = { "1" = "good", "0" = "bad \\"quoted\\"" }
 answer = "{summary}"
 max_new_tokens = 32
-temperature = 0.7
+temperature = 0.0
 top_k = 40
 top_p = 0.9
 source_language = "ko"

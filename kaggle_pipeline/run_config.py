@@ -282,6 +282,8 @@ def _check_together(cfg: RunConfig) -> None:
                           f"{cfg.task.kind!r} (a task of its own) are both set: set data.task "
                           "= \"\" to define the task in [task], or drop task.kind to adjust "
                           "the preset")
+    if cfg.task.kind and not cfg.data.train:
+        raise ConfigError("data.train is empty: a [task] of its own trains on its own file")
     if not cfg.task.kind and not cfg.data.task:
         raise ConfigError("no task: set data.task to a built-in task "
                           f"({', '.join(TASK_NAMES)}) or define one with task.kind")
@@ -326,9 +328,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: "
                           f"{sorted(sections)}")
-    # A [task] of its own needs no preset: data.task then defaults to none.
-    if raw.get("task", {}).get("kind") and "task" not in raw.get("data", {}):
-        raw.setdefault("data", {})["task"] = ""
+    if raw.get("task", {}).get("kind") and not raw.get("data", {}).get("task"):
+        # A [task] of its own: no preset, none of the main job's files, and a run named after
+        # the config file rather than the main job's runs/tarr-sentiment.
+        data = raw.setdefault("data", {})
+        for key in ("task", "train", "test"):
+            data.setdefault(key, "")
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).stem).strip("-.") if path else ""
+        raw.setdefault("output", {}).setdefault("name", stem or "task")
     default = RunConfig()
     built = {}
     for name in sections:

@@ -154,6 +154,8 @@ def check_inputs(cfg: RunConfig, spec: TaskSpec):
     if cfg.train.predict and cfg.data.test:
         test_examples = run_setup.read_test(cfg, spec)
         log(f"{len(test_examples)} test rows to predict after training")
+    elif cfg.train.predict:
+        log("data.test is empty: validation only, no submission")
     tokenizer = run_setup.load_tokenizer(cfg.model)
     run_setup.check_tokenizer_alone(tokenizer, spec.style)
     mesh = run_setup.build_mesh(cfg)

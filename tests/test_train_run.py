@@ -425,6 +425,19 @@ def test_overrides_of_tuples_bools_numbers_and_none(tmp_path):
     assert load_config(None, []) == RunConfig()
 
 
+def test_a_task_of_its_own_uses_none_of_the_main_jobs_defaults(tmp_path):
+    config = tmp_path / "my comp.toml"
+    config.write_text('[task]\nkind = "generation"\nprompt = "{q}"\nanswer = "{a}"\n'
+                      '[data]\ntrain = "train.csv"\n', encoding="utf-8")
+    cfg = load_config(config)
+    # Not runs/tarr-sentiment with the review files: its own name, no test file unless given.
+    assert (cfg.output.name, cfg.data.task, cfg.data.test) == ("my-comp", "", "")
+    assert load_config(None, ["task.kind=generation", "task.prompt={q}", "task.answer={a}",
+                              "data.train=t.csv"]).output.name == "task"
+    with pytest.raises(ConfigError, match="data.train is empty: a \\[task\\] of its own"):
+        load_config(None, ["task.kind=generation", "task.prompt={q}", "task.answer={a}"])
+
+
 # ----------------------------------------------------------------------------- 5. outputs
 
 

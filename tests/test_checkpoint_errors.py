@@ -221,3 +221,37 @@ def test_an_interrupted_model_assembly_leaves_nothing_and_a_broken_file_is_rebui
     assert packaged.gemma3_270m_gguf(tmp_path) == target
     assert sorted(p.name for p in target.parent.iterdir()) == sorted(
         [target.name, f".{target.name}.verified"])
+
+
+def test_file_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from kaggle_pipeline.training import identity
+
+    data = tmp_path / "train.tsv"
+    data.write_bytes(b"id\tcomment\tlabel\n1\tgood\t1\n")
+    cache = tmp_path / "cache"
+    expected = hashlib.sha256(data.read_bytes()).hexdigest()
+    assert identity.file_hash(data, cache) == expected
+    # The same file again is not read again ...
+    monkeypatch.setattr(identity.hashlib, "sha256", lambda: pytest.fail("hashed again"))
+    assert identity.file_hash(data, cache) == expected
+    monkeypatch.undo()
+    # ... an edit in place (same size, other time) is, and a vanished file leaves the cache.
+    data.write_bytes(b"id\tcomment\tlabel\n1\tgood\t0\n")
+    os.utime(data, ns=(1_000_000_000, 1_000_000_000))
+    assert identity.file_hash(data, cache) == hashlib.sha256(data.read_bytes()).hexdigest()
+    other = tmp_path / "other.tsv"
+    other.write_bytes(b"x")
+    identity.file_hash(other, cache)
+    other.unlink()
+    identity.file_hash(data, cache.parent / "cache")  # cached: nothing written
+    entries = json.loads((cache / "file_hashes.json").read_text())
+    assert len(entries) == 2  # data's current version and other.tsv (pruned on the next write)
+    third = tmp_path / "third.tsv"
+    third.write_bytes(b"y")
+    identity.file_hash(third, cache)
+    entries = json.loads((cache / "file_hashes.json").read_text())
+    assert sorted(k.split("|")[0] for k in entries) == sorted([str(data.resolve()),
+                                                               str(third.resolve())])

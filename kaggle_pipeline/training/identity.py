@@ -46,10 +46,10 @@ def file_hash(path: str | os.PathLike, cache: Path | None = None) -> str:
         while block := f.read(_BLOCK):
             digest.update(block)
     value = digest.hexdigest()
-    # Drop the entries of this path's older versions; a cache that cannot be written only
-    # costs a re-hash next time.
+    # Drop the entries of this path's older versions and of files that are gone (temporary
+    # runs), so the cache stays small; one that cannot be written only costs a re-hash.
     known = {k: v for k, v in _read_cache(cache_file).items()
-             if k.rsplit("|", 2)[0] != str(path)}
+             if k.rsplit("|", 2)[0] != str(path) and os.path.exists(k.rsplit("|", 2)[0])}
     known[key] = value
     try:
         write_text_atomically(cache_file, json.dumps(known, indent=0, sort_keys=True))

@@ -266,9 +266,11 @@ def load_model(section: ModelSection, *, seed: int = 0, shardings=None
 # ----------------------------------------------------------------------------- run identity
 
 # The settings that change what training computes (not where files are, how often to save, nor
-# how to predict); with the content of the files, a run's identity.
+# how to predict); with the content of the files, a run's identity. [model]: every key but the
+# two paths, whose files count by content.
+_MODEL_PATHS = ("checkpoint", "tokenizer")
 _TRAINING_KEYS = {
-    "model": ("preset", "dtype", "param_dtype", "remat"),
+    "model": None,
     "data": ("task", "prompt", "validation_fraction", "seq_len", "batch_size", "loss_on",
              "on_bad_row", "pack"),
     "task": ("kind", "format", "id_column", "prompt", "turns_column", "system",
@@ -292,7 +294,8 @@ def run_identity(cfg: RunConfig, spec: TaskSpec, *, with_train: bool = True) -> 
     for section, keys in _TRAINING_KEYS.items():
         values = dataclasses.asdict(getattr(cfg, section))
         for key in keys or values:
-            settings[f"{section}.{key}"] = values[key]
+            if section != "model" or key not in _MODEL_PATHS:
+                settings[f"{section}.{key}"] = values[key]
     train = input_paths(spec, cfg.data.train, "data.train") if with_train else ()
     train = (train,) if isinstance(train, Path) else train
     model = [p for p in (checkpoint_path(cfg.model), tokenizer_file(cfg.model)) if p is not None]

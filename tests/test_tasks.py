@@ -390,7 +390,7 @@ def test_presets_adjusted_by_task_keys():
 
 def test_a_task_of_its_own_reads_exactly_its_columns(tmp_path):
     spec = _task("task.kind=generation", "task.prompt=Q: {question}", "task.answer={reply}",
-                 "task.system=Be brief.", "output.name=qa")
+                 "task.system=Be brief.", "output.name=qa", "data.train=train.jsonl")
     assert (spec.name, spec.reader, spec.output_columns) == ("qa", "table", ("id", "reply"))
     train = tmp_path / "train.jsonl"
     train.write_text('{"question": "하나?", "reply": "둘", "extra": [1]}\n'
@@ -406,7 +406,8 @@ def test_a_task_of_its_own_reads_exactly_its_columns(tmp_path):
     assert [e.prompt[-1].text for e in blind] == ["Q: ", "Q: 다섯?"]  # an empty one is kept
 
     labelled = _task("task.kind=classification", "task.prompt={text}", "task.id_column=key",
-                     "task.label_column=y", 'task.labels={"1" = "yes", "0" = "no"}')
+                     "task.label_column=y", 'task.labels={"1" = "yes", "0" = "no"}',
+                     "data.train=rows.jsonl")
     assert labelled.output_columns == ("key", "y")
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"key": 17, "text": "a", "y": 1}\n{"key": 18, "text": "b", "y": 0}\n')

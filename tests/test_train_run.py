@@ -787,3 +787,13 @@ def test_predict_after_a_run_without_summary_recomputes_the_threshold(ws, capsys
     assert f"recomputed the threshold from 4 validation examples: {threshold:+.3f}" in out
     written = Path(json.loads((run_dir / "summary.json").read_text())["submission"])
     assert written != calibrated and written.read_bytes() == calibrated.read_bytes()
+
+
+def test_ctrl_c_before_the_loop_exits_130_without_a_traceback(ws, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. while the model loads
+
+    monkeypatch.setattr(run_setup, "load_model", interrupted)
+    assert train.main(ws.args("ctrl-c")) == 130
+    assert capsys.readouterr().err == "\ninterrupted (Ctrl-C)\n"
+    assert not (ws.run_dir("ctrl-c") / "checkpoints").exists()

@@ -16,6 +16,8 @@ from kaggle_pipeline.model.lora import LoraConfig
 from kaggle_pipeline.training.optimizer import OptimConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+DTYPES = ("auto", "float32", "bfloat16")
+REMAT_POLICIES = ("full", "dots")  # model/transformer.py REMAT_POLICIES
 
 
 class ConfigError(UserError):
@@ -29,9 +31,25 @@ class ModelSection:
     checkpoint: str = "gemma3-270m-gguf"
     preset: str = ""  # a config preset name; "" means read it from the checkpoint
     tokenizer: str = ""  # a SentencePiece .model; "" means next to / inside the checkpoint
-    dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
-    param_dtype: str = "float32"  # how the frozen base is stored in memory
-    remat: bool = False
+    # "auto" (model/precision.py): bfloat16 with f32 accumulation on TPU, GPU and CPUs with
+    # AMX, float32 elsewhere; or "float32" / "bfloat16" whatever the machine.
+    dtype: str = "auto"  # compute dtype
+    param_dtype: str = "auto"  # how the frozen base is stored in memory
+    remat: bool = False  # recompute each block in the backward pass (less memory)
+    remat_policy: str = "full"  # with remat: "full" keeps nothing, "dots" the projections
+    scan_layers: bool = False  # compile one block per attention kind and scan over the layers
+    attention_chunk: int = 1024  # longer sequences attend in query chunks of this; 0: never
+
+    def __post_init__(self):
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"model.{key} = {getattr(self, key)!r}: one of {DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy = {self.remat_policy!r}: one of "
+                             f"{REMAT_POLICIES}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"model.attention_chunk = {self.attention_chunk}: 0 (never "
+                             "chunked) or a chunk length")
 
 
 @dataclasses.dataclass(frozen=True)

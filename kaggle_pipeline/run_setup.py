@@ -18,7 +18,7 @@ from kaggle_pipeline.cli import log
 from kaggle_pipeline.data.tasks import TaskSpec, get_task
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.errors import UserError
-from kaggle_pipeline.model import Transformer, init_params, sharding
+from kaggle_pipeline.model import Transformer, init_params, layer_stack, precision, sharding
 from kaggle_pipeline.model.config import ModelConfig, get_config, tiny_config
 from kaggle_pipeline.run_config import ModelSection, RunConfig, resolve_input
 
@@ -58,8 +58,42 @@ def input_paths(spec: TaskSpec, value: str | Sequence[str], field: str = "data.t
 # ----------------------------------------------------------------------------- model
 
 
-def build_mesh(cfg: RunConfig):
-    return sharding.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, cfg.train.mesh_model)
+def build_mesh(cfg: RunConfig, devices: list | None = None):
+    """The run's (data, fsdp, model) mesh over `devices` (default: every device jax sees)."""
+    try:
+        return sharding.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp,
+                                  cfg.train.mesh_model, devices=devices)
+    except ValueError as err:
+        raise UserError(f"train.mesh_data / mesh_fsdp / mesh_model: {err}") from None
+
+
+def platform(mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def dtypes(section: ModelSection, mesh=None) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, param dtype) of model.dtype / model.param_dtype on the mesh's devices."""
+    where = platform(mesh) if mesh is not None else None
+    return precision.resolve(section.dtype, where), precision.resolve(section.param_dtype, where)
+
+
+def transformer(section: ModelSection, config: ModelConfig, mesh=None, **settings
+                ) -> Transformer:
+    """The model of the run's [model] settings; `settings`: lora_scale, lora_dropout,
+    deterministic."""
+    return Transformer(config, dtype=dtypes(section, mesh)[0], remat=section.remat,
+                       remat_policy=section.remat_policy, scan_layers=section.scan_layers,
+                       attention_chunk=section.attention_chunk, **settings)
+
+
+def place_lora(lora_tree: dict, config: ModelConfig, section: ModelSection, mesh=None) -> dict:
+    """A per-layer LoRA tree (init_lora, an adapter file) in the model's layout, on the mesh."""
+    if section.scan_layers:
+        lora_tree = layer_stack.stack(lora_tree, config)
+    if mesh is None:
+        return lora_tree
+    return jax.device_put(lora_tree, sharding.param_shardings(
+        lora_tree, mesh, config.transpose_gating_einsum))
 
 
 def _preset(name: str) -> ModelConfig:
@@ -94,18 +128,23 @@ def load_tokenizer(section: ModelSection) -> Tokenizer:
     raise FileNotFoundError(f"no tokenizer.model in or next to {path}; set model.tokenizer")
 
 
-def load_model(section: ModelSection, *, seed: int = 0, shardings=None
-               ) -> tuple[ModelConfig, dict]:
-    dtype = jnp.dtype(section.param_dtype)
+def load_model(section: ModelSection, *, seed: int = 0, mesh=None) -> tuple[ModelConfig, dict]:
+    """(config, params) in model.param_dtype and the model's layout (stacked with
+    scan_layers); on `mesh`, every tensor is placed on its sharding as it is read."""
+    dtype = dtypes(section, mesh)[1]
     path = checkpoint_path(section)
     preset = _preset(section.preset) if section.preset else None
     if path is None:
         if preset is None:
             raise ValueError("model.checkpoint is empty: set model.preset to start from random "
                              "weights")
-        params = init_params(preset, jax.random.key(seed), dtype)
+        params = init_params(preset, jax.random.key(seed), dtype, section.scan_layers)
+        if mesh is not None:
+            params = jax.device_put(params, sharding.param_shardings(
+                params, mesh, preset.transpose_gating_einsum))
         return preset, params
-    return load_checkpoint(path, config=preset, dtype=dtype, shardings=shardings)
+    return load_checkpoint(path, config=preset, dtype=dtype, mesh=mesh,
+                           scan_layers=section.scan_layers)
 
 
 # ----------------------------------------------------------------------------- a finished run
@@ -130,20 +169,24 @@ def trained_path(cfg: RunConfig) -> Path:
     return model_dir
 
 
-def load_trained(cfg: RunConfig) -> tuple[Transformer, dict, Tokenizer]:
-    """(model, variables, tokenizer) of a finished run; TrainedModelMissing before any weight
-    is read when the run saved nothing."""
+def load_trained(cfg: RunConfig, mesh=None) -> tuple[Transformer, dict, Tokenizer]:
+    """(model, variables, tokenizer) of a finished run, its weights placed on `mesh` (default:
+    the run's mesh); TrainedModelMissing before any weight is read when the run saved
+    nothing."""
     trained = trained_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    mesh = build_mesh(cfg) if mesh is None else mesh
     if cfg.lora.enabled:
         log(f"loading {cfg.model.checkpoint or cfg.model.preset} and the adapter {trained}")
-        config, params = load_model(cfg.model, seed=cfg.train.seed)
+        config, params = load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
         lora_tree, lora_cfg = load_adapter(trained, config)
-        model = Transformer(config, dtype=cfg.model.dtype, lora_scale=lora_cfg.scale)
+        model = transformer(cfg.model, config, mesh, lora_scale=lora_cfg.scale)
+        lora_tree = place_lora(lora_tree, config, cfg.model, mesh)
         return model, {"params": params, "lora": lora_tree}, tokenizer
     log(f"loading the fine-tuned model {trained}")
-    config, params = load_model(dataclasses.replace(cfg.model, checkpoint=str(trained)))
-    return Transformer(config, dtype=cfg.model.dtype), {"params": params}, tokenizer
+    config, params = load_model(dataclasses.replace(cfg.model, checkpoint=str(trained)),
+                                mesh=mesh)
+    return transformer(cfg.model, config, mesh), {"params": params}, tokenizer
 
 
 def saved_threshold(cfg: RunConfig) -> float:

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.model import Transformer, abstract_params, init_cache, init_params
-from kaggle_pipeline.model import layer_stack
+from kaggle_pipeline.data.packing import pack
+from kaggle_pipeline.model import Transformer, abstract_params, init_cache, init_params, layer_stack
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.model.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, sequence_loss
-from kaggle_pipeline.data.packing import pack
 
 # Gemma 2: 4 layers = 2 x (local, global). Gemma 3: 8 layers = 1 x (5 local + 1 global) + 2
 # unrolled after the scan.

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.checkpoints import load_checkpoint
+from kaggle_pipeline.checkpoints import load_checkpoint, read_config
 from kaggle_pipeline.checkpoints.adapter import load_adapter
 from kaggle_pipeline.cli import log
 from kaggle_pipeline.data.tasks import TaskSpec, get_task
@@ -126,6 +126,17 @@ def load_tokenizer(section: ModelSection) -> Tokenizer:
         if candidate.exists():
             return Tokenizer.from_model_file(candidate)
     raise FileNotFoundError(f"no tokenizer.model in or next to {path}; set model.tokenizer")
+
+
+def model_config(section: ModelSection) -> ModelConfig:
+    """The model's config without loading a weight: the preset, else the checkpoint's own."""
+    if section.preset:
+        return _preset(section.preset)
+    path = checkpoint_path(section)
+    if path is None:
+        raise UserError("model.checkpoint is empty: set model.preset to start from random "
+                        "weights")
+    return read_config(path)
 
 
 def load_model(section: ModelSection, *, seed: int = 0, mesh=None) -> tuple[ModelConfig, dict]:

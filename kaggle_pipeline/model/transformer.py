@@ -66,14 +66,19 @@ REMAT_POLICIES = {
     "full": None,  # nothing: every block is recomputed whole
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections' outputs
 }
+# A scan without remat still runs its body under this policy: every matmul's output is kept
+# (as unrolled layers keep them), but not the weights each layer gathered over fsdp, which a
+# plain scan would save as residuals: a whole replicated copy of the model on every device.
+SCAN_KEEPS = "scan"
+_POLICY_FUNCTIONS = REMAT_POLICIES | {SCAN_KEEPS: jax.checkpoint_policies.dots_saveable}
 
 
 def _maybe_remat(module, policy: str | None):
     if policy is None:
         return module
-    if policy not in REMAT_POLICIES:
+    if policy not in _POLICY_FUNCTIONS:
         raise ValueError(f"unknown remat policy {policy!r}: one of {sorted(REMAT_POLICIES)}")
-    return nn.remat(module, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return nn.remat(module, policy=_POLICY_FUNCTIONS[policy], prevent_cse=False)
 
 
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -113,8 +118,8 @@ class Transformer(nn.Module):
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(0,) + (nn.broadcast,) * 4, length=lay.groups)
             self.stack = group(c, c.attention_kinds[:lay.period], dtype=self.dtype, adapt=adapt,
-                               remat_policy=policy, attention_chunk=self.attention_chunk,
-                               name=layer_stack.STACK)
+                               remat_policy=policy or SCAN_KEEPS,
+                               attention_chunk=self.attention_chunk, name=layer_stack.STACK)
         block = _maybe_remat(Block, policy)
         self.blocks = {i: block(c, c.attention_kinds[i], dtype=self.dtype, adapt=adapt,
                                 attention_chunk=self.attention_chunk, name=f"layer_{i}")

@@ -70,6 +70,11 @@ def target_devices(name: str) -> tuple[list, int]:
     """(devices, memory per device in bytes) of a target."""
     if name in TPU_TARGETS:
         target = TPU_TARGETS[name]
+        # Compiling for a topology touches no TPU: let libtpu load beside other processes
+        # that hold its lock file (another plan, a jax that probed for a TPU).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if not os.environ.get("JAX_PLATFORMS"):  # no TPU runtime needed to compile for one
+            jax.config.update("jax_platforms", "cpu")
         try:
             from jax.experimental import topologies
 

@@ -74,3 +74,18 @@ def test_an_unknown_target_is_a_user_error():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--target 'v9-8': one of cpu, local, v3-8, v5e-8, v4-8" in proc.stderr
+
+
+def test_the_9b_review_kernel_builds_for_the_v3_8_mesh(tmp_path):
+    """The kernel's config is what `plan --config kernels/tarr-sentiment-9b/config.toml
+    --target v3-8` compiles (BENCHMARKS.md); here: it builds and asks for the 9B on 8 cores."""
+    from kaggle_pipeline import kernels
+    from kaggle_pipeline.run_config import load_config
+
+    out = kernels.build("tarr-sentiment-9b", tmp_path / "k", username="alice")
+    cfg = load_config(REPO / "kernels" / "tarr-sentiment-9b" / "config.toml")
+    assert cfg.model.preset == "gemma2-9b-it" and cfg.model.scan_layers and cfg.model.remat
+    assert (cfg.train.mesh_data, cfg.train.mesh_fsdp, cfg.train.mesh_model) == (1, 8, 1)
+    meta = json.loads((out / "kernel-metadata.json").read_text())
+    assert meta["model_sources"] == ["google/gemma-2/flax/gemma2-9b-it/1"]
+    assert meta["id"] == "alice/tarr-sentiment-gemma-9b"

@@ -310,6 +310,9 @@ tokenizer = "tok/tokenizer.model"
 dtype = "bfloat16"
 param_dtype = "bfloat16"
 remat = true
+remat_policy = "dots"
+scan_layers = true
+attention_chunk = 512
 
 [data]
 task = "dolly-en-ko"

@@ -29,10 +29,10 @@ class Block(nn.Module):
         h = RMSNorm(name="pre_attention_norm", **norm)(x)
         h, cache = Attention(c, self.kind, name="attn", chunk=self.attention_chunk, **lora)(
             h, positions, mask, cache, lengths, segment_ids)
-        x = x + RMSNorm(name="post_attention_norm", **norm)(h)
+        x = x + RMSNorm(name="post_attention_norm", **norm)(h).astype(x.dtype)
         h = RMSNorm(name="pre_ffw_norm", **norm)(x)
         h = FeedForward(c, name="mlp", **lora)(h)
-        x = x + RMSNorm(name="post_ffw_norm", **norm)(h)
+        x = x + RMSNorm(name="post_ffw_norm", **norm)(h).astype(x.dtype)
         return x, cache
 
 
@@ -136,9 +136,11 @@ class Transformer(nn.Module):
         The cache is per layer (`init_cache`) whatever the params' layout.
         """
         table = self.input_embedding["input_embedding"]
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
+        # output to it in f32 (a bf16 stream is what makes bf16 logits drift: BENCHMARKS.md).
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
         # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
-        x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype)
+        x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
         chunked = 0 < self.attention_chunk < tokens.shape[1]
         mask = None if chunked else causal_segment_mask(segment_ids)
         new_cache = {} if cache is not None else None

@@ -1,6 +1,6 @@
 """Attention in query chunks (model.attention_chunk) equals dense attention: packed segments,
 sliding windows and Gemma 2's soft-capping kept, a length that is no multiple of the chunk,
-values and gradients."""
+values and gradients. The loss unembedded chunk by chunk equals the loss in one piece."""
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +68,27 @@ def test_chunked_core_equals_dense_core_with_soft_capping():
     # The soft-cap is in effect: without it the result differs.
     uncapped = attend.dense(q, kk, v, mask, softcap=None, dtype=jnp.float32)
     assert float(jnp.max(jnp.abs(uncapped - dense)[real])) > 1e-3
+
+
+def test_the_loss_in_chunks_equals_the_loss_in_one_piece():
+    from kaggle_pipeline.model.loss import target_logprobs
+
+    config = tiny_config("gemma2", num_layers=2, sliding_window=4)
+    params = init_params(config, jax.random.key(0))
+    tokens, positions, segments = _packed(config, 22)
+    src = jnp.broadcast_to(jnp.arange(21), (2, 21))  # every position predicts the next
+    batch = {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_src": src}
+    model = Transformer(config)
+
+    def total(params, chunk):
+        return jnp.sum(target_logprobs(model, {"params": params}, batch, chunk=chunk))
+
+    grad = jax.jit(jax.value_and_grad(total), static_argnums=1)
+    whole, whole_grad = grad(params, 64)
+    chunked, chunked_grad = grad(params, 4)  # 6 chunks, the last one padded
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(whole_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    per_slot = target_logprobs(model, {"params": params}, batch, chunk=4)
+    np.testing.assert_allclose(per_slot, target_logprobs(model, {"params": params}, batch,
+                                                         chunk=64), atol=1e-5)

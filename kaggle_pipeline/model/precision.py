@@ -48,6 +48,45 @@ def resolve(name: str, platform: str | None = None) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def einsum(eqn: str, *operands: jax.Array) -> jax.Array:
-    """jnp.einsum accumulating in f32: f32 out of bf16 operands, the same dot as before in f32."""
-    return jnp.einsum(eqn, *operands, preferred_element_type=ACCUMULATE)
+def einsum(eqn: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """jnp.einsum accumulating in f32: f32 out of bf16 operands, the same dot as before in f32.
+
+    With bf16 operands the backward's matmuls take bf16 operands too: autodiff would hand them
+    the f32 cotangent, and XLA runs an f32 x bf16 dot as an f32 one (on a CPU: upcast, never
+    oneDNN/AMX; scripts/onednn_dots.py).
+    """
+    if x.dtype == y.dtype and x.dtype != ACCUMULATE and _transposable(eqn):
+        return _low_einsum(eqn, x, y)
+    return jnp.einsum(eqn, x, y, preferred_element_type=ACCUMULATE)
+
+
+@functools.cache
+def _transposable(eqn: str) -> bool:
+    """Each operand's gradient is itself one einsum of the other operand and the cotangent."""
+    if "..." in eqn or "->" not in eqn:
+        return False
+    inputs, out = eqn.replace(" ", "").split("->")
+    a, b = inputs.split(",")
+    return set(a) <= set(b) | set(out) and set(b) <= set(a) | set(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_einsum(eqn: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.einsum(eqn, x, y, preferred_element_type=ACCUMULATE)
+
+
+def _low_einsum_fwd(eqn, x, y):
+    return _low_einsum(eqn, x, y), (x, y)
+
+
+def _low_einsum_bwd(eqn, residuals, g):
+    x, y = residuals
+    inputs, out = eqn.replace(" ", "").split("->")
+    a, b = inputs.split(",")
+    g = g.astype(x.dtype)  # the cotangent in the operands' dtype, accumulated in f32 again
+    dx = jnp.einsum(f"{out},{b}->{a}", g, y, preferred_element_type=ACCUMULATE)
+    dy = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=ACCUMULATE)
+    return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+_low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd)

@@ -149,11 +149,15 @@ def load_model(section: ModelSection, *, seed: int = 0, mesh=None) -> tuple[Mode
         if preset is None:
             raise ValueError("model.checkpoint is empty: set model.preset to start from random "
                              "weights")
-        params = init_params(preset, jax.random.key(seed), dtype, section.scan_layers)
-        if mesh is not None:
-            params = jax.device_put(params, sharding.param_shardings(
-                params, mesh, preset.transpose_gating_einsum))
-        return preset, params
+        def init():
+            return init_params(preset, jax.random.key(seed), dtype, section.scan_layers)
+
+        if mesh is None:
+            return preset, init()
+        # Made on the mesh, each device only its shards (a 9B would not fit one TPU core).
+        shardings = sharding.param_shardings(jax.eval_shape(init), mesh,
+                                             preset.transpose_gating_einsum)
+        return preset, jax.jit(init, out_shardings=shardings)()
     return load_checkpoint(path, config=preset, dtype=dtype, mesh=mesh,
                            scan_layers=section.scan_layers)
 

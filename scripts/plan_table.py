@@ -49,6 +49,9 @@ ROWS = [
     row("9b-lora-1024-remat-unrolled", "gemma2-9b", 1024, remat=True, scan=False),
     row("9b-lora-1024-remat-again", "gemma2-9b", 1024, remat=True),
     row("2b-full-1024-remat", "gemma2-2b", 1024, remat=True, full=True),
+    # 9B at a size the unrolled layers fit, so both compiles run to the end.
+    row("9b-lora-512-remat-unrolled", "gemma2-9b", 512, remat=True, scan=False),
+    row("9b-lora-512-remat", "gemma2-9b", 512, remat=True),
     row("v5e-9b-lora-1024-remat", "gemma2-9b", 1024, target="v5e-8", remat=True),
     row("2b-lora-4096-remat", "gemma2-2b", 4096, remat=True),
     row("9b-lora-4096-remat", "gemma2-9b", 4096, remat=True),

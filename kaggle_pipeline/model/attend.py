@@ -31,9 +31,9 @@ def _probs(logits: jax.Array, mask: jax.Array, softcap: float | None, dtype) -> 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
           softcap: float | None, dtype) -> jax.Array:
     """q [B, T, K, G, H] (scaled), k, v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H]."""
-    logits = einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype))
+    logits = einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype), "attention")
     probs = _probs(logits, mask, softcap, dtype)
-    return einsum("BTKGS,BSKH->BTKGH", probs, v.astype(dtype)).astype(dtype)
+    return einsum("BTKGS,BSKH->BTKGH", probs, v.astype(dtype), "attention").astype(dtype)
 
 
 def visible(q_index: jax.Array, q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array,
@@ -74,8 +74,8 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     def one(args):
         qc, index, qp, qs = args
         mask = visible(index, qp, qs, positions, segment_ids, window)
-        probs = _probs(einsum("BTKGH,BSKH->BTKGS", qc, k), mask, softcap, dtype)
-        return einsum("BTKGS,BSKH->BTKGH", probs, v).astype(dtype)
+        probs = _probs(einsum("BTKGH,BSKH->BTKGS", qc, k, "attention"), mask, softcap, dtype)
+        return einsum("BTKGS,BSKH->BTKGH", probs, v, "attention").astype(dtype)
 
     index = jnp.arange(padded).reshape(n, chunk)
     out = jax.lax.map(one, (split(q), index, split(q_pos), split(q_seg)))

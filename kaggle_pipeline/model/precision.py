@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 AUTO = "auto"
 ACCUMULATE = jnp.float32  # what every matmul accumulates (and returns) in
@@ -48,15 +49,17 @@ def resolve(name: str, platform: str | None = None) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def einsum(eqn: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def einsum(eqn: str, x: jax.Array, y: jax.Array, name: str = "projection") -> jax.Array:
     """jnp.einsum accumulating in f32: f32 out of bf16 operands, the same dot as before in f32.
 
     With bf16 operands the backward's matmuls take bf16 operands too: autodiff would hand them
     the f32 cotangent, and XLA runs an f32 x bf16 dot as an f32 one (on a CPU: upcast, never
-    oneDNN/AMX; scripts/onednn_dots.py).
+    oneDNN/AMX; scripts/onednn_dots.py). That product is a custom VJP, which remat policies
+    looking for dots do not see: its output carries `name` ("projection", "attention") for the
+    policies of model/transformer.py.
     """
     if x.dtype == y.dtype and x.dtype != ACCUMULATE and _transposable(eqn):
-        return _low_einsum(eqn, x, y)
+        return checkpoint_name(_low_einsum(eqn, x, y), name)
     return jnp.einsum(eqn, x, y, preferred_element_type=ACCUMULATE)
 
 

@@ -62,15 +62,20 @@ class Group(nn.Module):
 
 
 # Remat policies (model.remat_policy): what the backward keeps instead of recomputing.
+# bf16 matmuls are found by name (precision.einsum), f32 ones as dots.
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "full": None,  # nothing: every block is recomputed whole
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections' outputs
+    "dots": _policies.save_from_both_policies(  # the projections' outputs, not attention's
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names("projection")),
 }
 # A scan without remat still runs its body under this policy: every matmul's output is kept
 # (as unrolled layers keep them), but not the weights each layer gathered over fsdp, which a
 # plain scan would save as residuals: a whole replicated copy of the model on every device.
 SCAN_KEEPS = "scan"
-_POLICY_FUNCTIONS = REMAT_POLICIES | {SCAN_KEEPS: jax.checkpoint_policies.dots_saveable}
+_POLICY_FUNCTIONS = REMAT_POLICIES | {SCAN_KEEPS: _policies.save_from_both_policies(
+    _policies.dots_saveable, _policies.save_only_these_names("projection", "attention"))}
 
 
 def _maybe_remat(module, policy: str | None):

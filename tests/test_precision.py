@@ -171,10 +171,11 @@ def _saved_residuals(dtype, remat: bool, policy: str) -> int:
 
 def test_remat_policies_see_the_bf16_matmuls():
     """The bf16 matmul is a custom VJP, invisible to dot-based policies: it is found by name,
-    so each policy keeps as much in bf16 as in f32 (none keeps nothing, full keeps least)."""
+    so each policy keeps as much in bf16 as in f32 (a scan without remat keeps what "dots"
+    keeps, "full" least)."""
     for remat, policy in ((False, "full"), (True, "full"), (True, "dots")):
         assert _saved_residuals(jnp.bfloat16, remat, policy) == _saved_residuals(
             jnp.float32, remat, policy), (remat, policy)
     assert (_saved_residuals(jnp.bfloat16, True, "full")
             < _saved_residuals(jnp.bfloat16, True, "dots")
-            < _saved_residuals(jnp.bfloat16, False, "full"))
+            == _saved_residuals(jnp.bfloat16, False, "full"))

@@ -21,6 +21,7 @@ float32 for the PEFT adapter. Each export directory is replaced whole, never lef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -66,6 +67,8 @@ def _base_name(cfg: RunConfig) -> str:
 def export(cfg: RunConfig, formats: str | None = None, dtype: str | None = None,
            out: str | Path | None = None) -> Path:
     """Write the run's exports; returns their folder."""
+    # Exports are per-layer files made on the host, whatever layout the run trained in.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
     spec = run_setup.task_spec(cfg)
     trained = run_setup.trained_path(cfg)
     run_setup.check_trained_from(cfg, spec)

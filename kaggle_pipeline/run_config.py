@@ -26,6 +26,8 @@ from kaggle_pipeline.model.lora import LoraConfig
 from kaggle_pipeline.training.optimizer import OptimConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+DTYPES = ("auto", "float32", "bfloat16")
+REMAT_POLICIES = ("full", "dots")  # model/transformer.py REMAT_POLICIES
 
 
 class ConfigError(UserError):
@@ -39,9 +41,14 @@ class ModelSection:
     checkpoint: str = "gemma3-270m-gguf"
     preset: str = ""  # a config preset name; "" means read it from the checkpoint
     tokenizer: str = ""  # a SentencePiece .model; "" means next to / inside the checkpoint
-    dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
-    param_dtype: str = "float32"  # how the frozen base is stored in memory
-    remat: bool = False
+    # "auto" (model/precision.py): bfloat16 with f32 accumulation on TPU, GPU and CPUs with
+    # AMX, float32 elsewhere; or "float32" / "bfloat16" whatever the machine.
+    dtype: str = "auto"  # compute dtype
+    param_dtype: str = "auto"  # how the frozen base is stored in memory
+    remat: bool = False  # recompute each block in the backward pass (less memory)
+    remat_policy: str = "full"  # with remat: "full" keeps nothing, "dots" the projections
+    scan_layers: bool = False  # compile one block per attention kind and scan over the layers
+    attention_chunk: int = 1024  # longer sequences attend in query chunks of this; 0: never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,17 +238,18 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.mesh_data": (-1, 1 << 16),  # -1: the devices left over
     "train.mesh_fsdp": (1, 1 << 16),
     "train.mesh_model": (1, 1 << 16),
+    "model.attention_chunk": (0, 1 << 20),
     "task.max_new_tokens": (1, 1 << 16),
     "task.temperature": (0.0, 100.0),
     "task.top_k": (1, 1 << 20),
     "task.top_p": (1e-6, 1.0),
     "task.validation_size": (1, 1 << 40),
 }
-DTYPES = ("float32", "bfloat16", "float16")
 # key -> the values it may take.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
+    "model.remat_policy": REMAT_POLICIES,
     "data.task": ("", *TASK_NAMES),
     "data.loss_on": ("answer", "label"),
     "data.on_bad_row": ("error", "skip"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.checkpoints import load_checkpoint
+from kaggle_pipeline.checkpoints import load_checkpoint, read_config
 from kaggle_pipeline.checkpoints.adapter import load_adapter
 from kaggle_pipeline.checkpoints.common import CheckpointError
 from kaggle_pipeline.cli import log
@@ -26,7 +26,7 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec, build_examples, define
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.inference.sampler import SamplingConfig
-from kaggle_pipeline.model import Transformer, init_params, sharding
+from kaggle_pipeline.model import Transformer, init_params, layer_stack, precision, sharding
 from kaggle_pipeline.model.config import ModelConfig, get_config, tiny_config
 from kaggle_pipeline.run_config import ConfigError, ModelSection, RunConfig, resolve_input
 from kaggle_pipeline.training import identity
@@ -150,13 +150,43 @@ def read_test(cfg: RunConfig, spec: TaskSpec) -> list[Example]:
 # ----------------------------------------------------------------------------- model
 
 
-def build_mesh(cfg: RunConfig):
+def build_mesh(cfg: RunConfig, devices: list | None = None):
+    """The run's (data, fsdp, model) mesh over `devices` (default: every device jax sees)."""
     try:
         return sharding.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp,
-                                  cfg.train.mesh_model)
+                                  cfg.train.mesh_model, devices=devices)
     except ValueError as err:
         raise ConfigError(f"train.mesh_data x mesh_fsdp x mesh_model = {cfg.train.mesh_data} x "
                           f"{cfg.train.mesh_fsdp} x {cfg.train.mesh_model}: {err}") from None
+
+
+def platform(mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def dtypes(section: ModelSection, mesh=None) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, param dtype) of model.dtype / model.param_dtype on the mesh's devices."""
+    where = platform(mesh) if mesh is not None else None
+    return precision.resolve(section.dtype, where), precision.resolve(section.param_dtype, where)
+
+
+def transformer(section: ModelSection, config: ModelConfig, mesh=None, **settings
+                ) -> Transformer:
+    """The model of the run's [model] settings; `settings`: lora_scale, lora_dropout,
+    deterministic."""
+    return Transformer(config, dtype=dtypes(section, mesh)[0], remat=section.remat,
+                       remat_policy=section.remat_policy, scan_layers=section.scan_layers,
+                       attention_chunk=section.attention_chunk, **settings)
+
+
+def place_lora(lora_tree: dict, config: ModelConfig, section: ModelSection, mesh=None) -> dict:
+    """A per-layer LoRA tree (init_lora, an adapter file) in the model's layout, on the mesh."""
+    if section.scan_layers:
+        lora_tree = layer_stack.stack(lora_tree, config)
+    if mesh is None:
+        return lora_tree
+    return jax.device_put(lora_tree, sharding.param_shardings(
+        lora_tree, mesh, config.transpose_gating_einsum))
 
 
 def _preset(name: str) -> ModelConfig:
@@ -249,18 +279,38 @@ def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, style: str) -> No
                              f"{config.vocab_size}-row embedding")
 
 
-def load_model(section: ModelSection, *, seed: int = 0, shardings=None
-               ) -> tuple[ModelConfig, dict]:
-    dtype = jnp.dtype(section.param_dtype)
+def model_config(section: ModelSection) -> ModelConfig:
+    """The model's config without loading a weight: the preset, else the checkpoint's own."""
+    if section.preset:
+        return _preset(section.preset)
+    path = checkpoint_path(section)
+    if path is None:
+        raise UserError("model.checkpoint is empty: set model.preset to start from random "
+                        "weights")
+    return read_config(path)
+
+
+def load_model(section: ModelSection, *, seed: int = 0, mesh=None) -> tuple[ModelConfig, dict]:
+    """(config, params) in model.param_dtype and the model's layout (stacked with
+    scan_layers); on `mesh`, every tensor is placed on its sharding as it is read."""
+    dtype = dtypes(section, mesh)[1]
     path = checkpoint_path(section)
     preset = _preset(section.preset) if section.preset else None
     if path is None:
         if preset is None:
             raise ConfigError("model.checkpoint is empty: set model.preset to start from random "
                               "weights")
-        params = init_params(preset, jax.random.key(seed), dtype)
-        return preset, params
-    return load_checkpoint(path, config=preset, dtype=dtype, shardings=shardings)
+        def init():
+            return init_params(preset, jax.random.key(seed), dtype, section.scan_layers)
+
+        if mesh is None:
+            return preset, init()
+        # Made on the mesh, each device only its shards (a 9B would not fit one TPU core).
+        shardings = sharding.param_shardings(jax.eval_shape(init), mesh,
+                                             preset.transpose_gating_einsum)
+        return preset, jax.jit(init, out_shardings=shardings)()
+    return load_checkpoint(path, config=preset, dtype=dtype, mesh=mesh,
+                           scan_layers=section.scan_layers)
 
 
 # ----------------------------------------------------------------------------- run identity
@@ -362,23 +412,28 @@ def trained_path(cfg: RunConfig) -> Path:
     return model_dir
 
 
-def load_trained(cfg: RunConfig, style: str = "chat") -> tuple[Transformer, dict, Tokenizer]:
-    """(model, variables, tokenizer) of a finished run; TrainedModelMissing or TokenizerError
-    before any weight is read when the run saved nothing or the tokenizer is unusable."""
+def load_trained(cfg: RunConfig, style: str = "chat", mesh=None
+                 ) -> tuple[Transformer, dict, Tokenizer]:
+    """(model, variables, tokenizer) of a finished run, its weights placed on `mesh` (default:
+    the run's mesh); TrainedModelMissing or TokenizerError before any weight is read when the
+    run saved nothing or the tokenizer is unusable."""
     trained = trained_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer_alone(tokenizer, style)
+    mesh = build_mesh(cfg) if mesh is None else mesh
     if cfg.lora.enabled:
         log(f"loading {cfg.model.checkpoint or cfg.model.preset} and the adapter {trained}")
-        config, params = load_model(cfg.model, seed=cfg.train.seed)
+        config, params = load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
         lora_tree, lora_cfg = load_adapter(trained, config)
-        model = Transformer(config, dtype=cfg.model.dtype, lora_scale=lora_cfg.scale)
+        model = transformer(cfg.model, config, mesh, lora_scale=lora_cfg.scale)
+        lora_tree = place_lora(lora_tree, config, cfg.model, mesh)
         return model, {"params": params, "lora": lora_tree}, tokenizer
     log(f"loading the fine-tuned model {trained}")
     saved_config = load_model_config(cfg.run_dir / MODEL_CONFIG_FILE)
     config, params = load_checkpoint(trained, config=saved_config,
-                                     dtype=jnp.dtype(cfg.model.param_dtype))
-    return Transformer(config, dtype=cfg.model.dtype), {"params": params}, tokenizer
+                                     dtype=dtypes(cfg.model, mesh)[1], mesh=mesh,
+                                     scan_layers=cfg.model.scan_layers)
+    return transformer(cfg.model, config, mesh), {"params": params}, tokenizer
 
 
 def save_model_config(config: ModelConfig, path: Path) -> None:

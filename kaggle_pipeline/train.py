@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kaggle_pipeline import run_setup
@@ -40,7 +41,7 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.files import write_text_atomically
 from kaggle_pipeline.inference.label_scoring import answer_only
-from kaggle_pipeline.model import Transformer, sharding
+from kaggle_pipeline.model import layer_stack, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
@@ -173,12 +174,13 @@ def prepare(cfg: RunConfig) -> Run:
     write_text_atomically(run_dir / "config.toml", to_toml(cfg))
     identity.save(run_dir, current)
 
-    log(f"loading model {cfg.model.checkpoint or cfg.model.preset} "
-        f"(params as {cfg.model.param_dtype})")
-    config, params = run_setup.load_model(cfg.model, seed=cfg.train.seed)
+    compute_dtype, param_dtype = run_setup.dtypes(cfg.model, mesh)
+    log(f"loading model {cfg.model.checkpoint or cfg.model.preset} onto mesh "
+        f"{dict(mesh.shape)} (params as {param_dtype.name}, compute in {compute_dtype.name})")
+    config, params = run_setup.load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     run_setup.check_tokenizer(tokenizer, config, spec.style)
     log(f"model: {config.family}, {config.num_layers} layers, "
-        f"{count_params(params) / 1e6:.0f}M params; mesh {dict(mesh.shape)}")
+        f"{count_params(params) / 1e6:.0f}M params")
 
     items = encode_examples(train_examples, tokenizer, spec, cfg.data.loss_on)
     # Each process packs the same rows and takes its own share of every global batch.
@@ -201,14 +203,18 @@ def prepare(cfg: RunConfig) -> Run:
 
     full = not cfg.lora.enabled
     lcfg = cfg.lora
-    model = Transformer(config, dtype=cfg.model.dtype, lora_scale=lcfg.scale,
-                        lora_dropout=0.0 if full else lcfg.dropout, deterministic=False,
-                        remat=cfg.model.remat)
+    model = run_setup.transformer(cfg.model, config, mesh, lora_scale=lcfg.scale,
+                                  lora_dropout=0.0 if full else lcfg.dropout,
+                                  deterministic=False)
     trainer = Trainer(model, make_optimizer(cfg.optim, updates), mesh,
                       "full" if full else "lora", seed=cfg.train.seed,
                       accumulate_steps=accumulate)
-    trainable = params if full else init_lora(config, lcfg, jax.random.key(cfg.train.seed))
-    frozen = {} if full else jax.device_put(params, trainer.frozen_shardings(params))
+    if full:  # trained in f32 (the master copy), whatever the frozen base is stored in
+        trainable = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    else:
+        trainable = run_setup.place_lora(
+            init_lora(config, lcfg, jax.random.key(cfg.train.seed)), config, cfg.model)
+    frozen = {} if full else params
     state = trainer.init_state(trainable)
     log(f"trainable: {count_params(state['trainable']) / 1e6:.3f}M params "
         f"({'full fine-tuning' if full else f'LoRA r={lcfg.rank} on {list(lcfg.targets)}'})")
@@ -334,15 +340,17 @@ def finish(run: Run, state: dict, started: float) -> dict:
     """Saves what was trained, then (train.predict) validates, predicts the test file and writes
     the report; returns the run's summary, also written to summary.json."""
     cfg = run.cfg
+    # Files keep the per-layer layout whatever the model's (scan_layers stacks the layers).
+    saved = layer_stack.unstack(jax.device_get(state["trainable"]), run.config)
     if run.full:
         from kaggle_pipeline.checkpoints.orbax_format import save_orbax
 
         # The config first: the weights' shapes need not be a known preset's.
         run_setup.save_model_config(run.config, cfg.run_dir / run_setup.MODEL_CONFIG_FILE)
-        save_orbax(jax.device_get(state["trainable"]), cfg.run_dir / "model")
+        save_orbax(saved, cfg.run_dir / "model")
         variables = {"params": state["trainable"]}
     else:
-        save_adapter(jax.device_get(state["trainable"]), cfg.lora, cfg.run_dir / "adapter")
+        save_adapter(saved, cfg.lora, cfg.run_dir / "adapter")
         variables = {"params": run.frozen, "lora": state["trainable"]}
     log(f"saved the {'model' if run.full else 'adapter'} in {cfg.run_dir}")
     summary = {"steps": int(state["step"]), "packing": run.packing,
@@ -350,7 +358,8 @@ def finish(run: Run, state: dict, started: float) -> dict:
     if cfg.train.predict:
         from kaggle_pipeline.predict import evaluate_and_submit
 
-        model = Transformer(run.config, dtype=cfg.model.dtype, lora_scale=cfg.lora.scale)
+        model = run_setup.transformer(cfg.model, run.config, run.trainer.mesh,
+                                      lora_scale=cfg.lora.scale)
         summary.update(evaluate_and_submit(cfg, run.spec, model, variables, run.tokenizer,
                                            run.valid_examples, test_examples=run.test_examples))
     summary["total_seconds"] = round(time.time() - started, 1)

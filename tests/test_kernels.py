@@ -25,6 +25,8 @@ from kaggle_pipeline import kernels
 from kaggle_pipeline.kernels import KernelError, build, validate_metadata
 
 TASKS = ["aihub-dialogue", "dolly-en-ko", "tarr-sentiment", "template"]
+# Another model for a task above (tests/test_plan.py checks its build).
+VARIANTS = ["tarr-sentiment-9b"]
 SECRETS = {
     "key": "kagglekey-SECRET-0123456789abcdef",
     "token": "KGAT_SECRET_fedcba9876543210",
@@ -95,7 +97,7 @@ def kaggle_api(clean_home, monkeypatch):
 
 
 def test_kernel_folders_are_the_expected_ones():
-    assert kernels.available_tasks() == TASKS
+    assert kernels.available_tasks() == sorted(TASKS + VARIANTS)
 
 
 def test_required_fields_are_the_kaggle_cli_template_fields(kaggle_api, tmp_path):

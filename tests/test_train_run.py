@@ -316,6 +316,9 @@ tokenizer = "tok/tokenizer.model"
 dtype = "bfloat16"
 param_dtype = "bfloat16"
 remat = true
+remat_policy = "dots"
+scan_layers = true
+attention_chunk = 512
 
 [data]
 task = ""
@@ -490,6 +493,23 @@ def test_outputs_of_a_run_with_and_without_prediction(ws, straight, capsys):
     assert report == run_dir / "report" / "report.md"
     text = report.read_text(encoding="utf-8")
     assert "accuracy" in text and "6 points from step 1 to 6" in text
+
+
+def test_a_scanned_run_keeps_files_per_layer_and_predicts_as_it_validated(ws, capsys):
+    """model.scan_layers: the layers train stacked, the adapter file keeps the per-layer
+    layout, and `predict` (which stacks it again) writes the submission training wrote."""
+    from kaggle_pipeline import predict
+    from kaggle_pipeline.checkpoints.adapter import load_adapter
+
+    args = ws.args("scanned", "model.scan_layers=true", "train.max_steps=2")
+    assert train.main(args) == 0
+    run_dir = ws.run_dir("scanned")
+    adapter, _ = load_adapter(run_dir / "adapter")
+    assert sorted(adapter) == [f"layer_{i}" for i in range(4)]  # tiny-gemma3: 4 layers
+    trained = Path(json.loads((run_dir / "summary.json").read_text())["submission"])
+    again = predict.predict(load_config(None, args))
+    assert again != trained
+    assert again.read_text(encoding="utf-8") == trained.read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- 6. full FT

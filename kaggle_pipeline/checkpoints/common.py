@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kaggle_pipeline.errors import UserError
-from kaggle_pipeline.model import abstract_params
+from kaggle_pipeline.model import abstract_params, layer_stack
 from kaggle_pipeline.model.config import ModelConfig
+from kaggle_pipeline.model.sharding import param_shardings
 
 # XLA's CPU client adopts a host buffer aligned like this in jax.device_put instead of copying
 # it: with every tensor handed over this way, loading holds one copy of the model, not two.
@@ -99,16 +100,31 @@ def build_params(
     fetch: Callable[[str], np.ndarray | None],
     dtype: jnp.dtype = jnp.float32,
     shardings: Mapping | None = None,
+    *,
+    mesh=None,
+    scan_layers: bool = False,
 ) -> dict:
-    """Builds the param tree one tensor at a time: fetch(path) -> array or None if absent.
+    """Builds the param tree one tensor at a time: fetch(path) -> array or None if absent,
+    `path` in the official per-layer layout ('layer_3/attn/q_einsum/w').
 
-    Each tensor is checked, cast and placed (on its sharding if given) before the next is read,
-    so no full f32 copy of the model ever exists. fetch hands its arrays over: on CPU the params
-    may share their memory (fetch returning aligned arrays of `dtype` saves a copy).
+    Each tensor is checked, cast and placed before the next is read, so no full f32 copy of the
+    model ever exists: on `mesh`, each goes straight to its sharding by the rule table
+    (model/sharding.py), so no device holds more than its shards (`shardings`, a tree like the
+    params, overrides the rules). With `scan_layers` the layers are stacked on the way in
+    (model/layer_stack.py): each stacked tensor is filled on the host one layer at a time, then
+    placed. fetch hands its arrays over: on CPU the params may share their memory (fetch
+    returning aligned arrays of `dtype` saves a copy).
     """
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    wanted = abstract_params(config, dtype, scan_layers)
+    if shardings is None and mesh is not None:
+        shardings = param_shardings(wanted, mesh, config.transpose_gating_einsum)
     flat_shardings = flatten(shardings) if shardings is not None else {}
-    out = {}
-    for path, shape in expected_shapes(config).items():
+    expected = expected_shapes(config)
+    period = layer_stack.layout(config).period
+
+    def get(path: str) -> np.ndarray:
+        shape = expected[path]
         array = fetch(path)
         if array is None:
             raise CheckpointError(f"{source}: missing weight for '{path}' (expected shape {shape})")
@@ -116,7 +132,18 @@ def build_params(
             raise CheckpointError(
                 f"{source}: weight '{path}' has shape {tuple(array.shape)}, "
                 f"the config expects {shape}")
-        array = _adoptable(np.asarray(array), np.dtype(jnp.dtype(dtype)))
+        return np.asarray(array)
+
+    out = {}
+    for path, leaf in flatten(wanted).items():
+        if path.startswith(layer_stack.STACK + "/"):
+            _, slot, rest = path.split("/", 2)
+            j = int(slot.removeprefix("attention_type_"))
+            array = aligned_empty(tuple(leaf.shape), np_dtype)
+            for g in range(leaf.shape[0]):
+                np.copyto(array[g], get(f"layer_{g * period + j}/{rest}"), casting="unsafe")
+        else:
+            array = _adoptable(get(path), np_dtype)
         # device_put (sharding None = default device) adopts it on CPU; jnp.asarray would copy.
         out[path] = jax.device_put(array, flat_shardings.get(path))
         del array

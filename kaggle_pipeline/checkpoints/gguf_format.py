@@ -186,8 +186,9 @@ class _TensorData:
 
 def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
               shardings: Mapping | None = None, *, config: ModelConfig | None = None,
-              ) -> tuple[ModelConfig, dict]:
-    """(config, params) from a Gemma 2 / Gemma 3 GGUF file, dequantized to `dtype`.
+              mesh=None, scan_layers: bool = False) -> tuple[ModelConfig, dict]:
+    """(config, params) from a Gemma 2 / Gemma 3 GGUF file, dequantized to `dtype`; placed and
+    laid out as `common.build_params` says (`mesh`, `scan_layers`).
 
     `config` overrides the one read from the metadata; tensor shapes are checked against it.
     """
@@ -222,7 +223,7 @@ def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
 
     with open(path, "rb", buffering=0) as file:
         params = build_params(config, source, lambda p: official_tensor(config, p, read),
-                              dtype, shardings)
+                              dtype, shardings, mesh=mesh, scan_layers=scan_layers)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{source}: {len(unused)} tensors the config "

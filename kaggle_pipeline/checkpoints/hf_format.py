@@ -425,9 +425,10 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 def load_hf(path: str | Path, config: ModelConfig | None = None,
-            dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None,
-            ) -> tuple[ModelConfig, dict]:
-    """(config, params) from a Hugging Face Gemma directory (config.json + safetensors).
+            dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None, *,
+            mesh=None, scan_layers: bool = False) -> tuple[ModelConfig, dict]:
+    """(config, params) from a Hugging Face Gemma directory (config.json + safetensors);
+    placed and laid out as `common.build_params` says (`mesh`, `scan_layers`).
 
     `config` overrides the one read from config.json; tensor shapes are checked against it.
     Tensors are read, converted and placed one at a time.
@@ -472,7 +473,7 @@ def load_hf(path: str | Path, config: ModelConfig | None = None,
         return shard.read(key, np_dtype)
 
     params = build_params(config, str(directory), lambda p: official_tensor(config, p, read),
-                          dtype, shardings)
+                          dtype, shardings, mesh=mesh, scan_layers=scan_layers)
     unused = sorted(k for k in files if k.startswith(prefix) and k not in used)
     if unused:
         raise CheckpointError(f"{directory}: {len(unused)} tensors the config "

@@ -204,13 +204,14 @@ def _restore_one(checkpointer: ocp.Checkpointer, ckpt_dir: Path, entry: _Entry,
 
 
 def load_orbax(path: str | Path, config: ModelConfig | None = None,
-               dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None,
-               ) -> tuple[ModelConfig, dict]:
+               dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None, *,
+               mesh=None, scan_layers: bool = False) -> tuple[ModelConfig, dict]:
     """Loads an official Gemma Orbax checkpoint -> (config, params in our nested layout).
 
     `path` is the checkpoint dir, its parent (Kaggle's download dir) or a dir with `default/`.
     Without `config` the preset is recognised from the weight shapes. Weights come out in
-    `dtype`, on `shardings` (a tree like the params) when given.
+    `dtype`, placed and laid out as `common.build_params` says (`shardings`, `mesh`,
+    `scan_layers`).
     """
     ckpt_dir = find_checkpoint_dir(path)
     source = str(ckpt_dir)
@@ -246,7 +247,8 @@ def load_orbax(path: str | Path, config: ModelConfig | None = None,
         return piece
 
     with ocp.PyTreeCheckpointer() as checkpointer:
-        params = build_params(config, source, fetch, dtype=dtype, shardings=shardings)
+        params = build_params(config, source, fetch, dtype=dtype, shardings=shardings,
+                              mesh=mesh, scan_layers=scan_layers)
     return config, params
 
 

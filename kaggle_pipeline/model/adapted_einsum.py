@@ -22,6 +22,8 @@ import typing
 import jax
 import jax.numpy as jnp
 
+from kaggle_pipeline.model.precision import einsum
+
 RANK = "r"
 
 
@@ -51,15 +53,16 @@ def subscripts(eqn: str) -> Subscripts:
 
 
 def lora_update(eqn: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """scale * (x A) B, shaped like einsum(eqn, x, W)."""
+    """scale * (x A) B, shaped like einsum(eqn, x, W), in f32 (operands in x's dtype)."""
     s = subscripts(eqn)
-    low = jnp.einsum(f"{s.x},{s.a}->{s.low}", x, a.astype(x.dtype))
-    return scale * jnp.einsum(f"{s.low},{s.b}->{s.y}", low, b.astype(x.dtype))
+    low = einsum(f"{s.x},{s.a}->{s.low}", x, a.astype(x.dtype)).astype(x.dtype)
+    return scale * einsum(f"{s.low},{s.b}->{s.y}", low, b.astype(x.dtype))
 
 
 def separate(eqn: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
              scale: float) -> jax.Array:
-    return jnp.einsum(eqn, x, w.astype(x.dtype)) + lora_update(eqn, x, a, b, scale)
+    """The base matmul plus the low-rank path, added in f32."""
+    return einsum(eqn, x, w.astype(x.dtype)) + lora_update(eqn, x, a, b, scale)
 
 
 def merged(eqn: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
@@ -75,7 +78,7 @@ def _merged_weight(eqn, scale, w, a, b, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _merged(eqn, scale, x, w, a, b):
-    return jnp.einsum(eqn, x, _merged_weight(eqn, scale, w, a, b, x.dtype))
+    return einsum(eqn, x, _merged_weight(eqn, scale, w, a, b, x.dtype)).astype(x.dtype)
 
 
 def _merged_fwd(eqn, scale, x, w, a, b):
@@ -87,11 +90,11 @@ def _merged_fwd(eqn, scale, x, w, a, b):
 def _merged_bwd(eqn, scale, residuals, dy):
     x, w, a, b = residuals
     s = subscripts(eqn)
-    dx = jnp.einsum(f"{s.y},{s.w}->{s.x}", dy, _merged_weight(eqn, scale, w, a, b, x.dtype))
-    low = jnp.einsum(f"{s.x},{s.a}->{s.low}", x, a.astype(x.dtype))  # x A
-    dlow = jnp.einsum(f"{s.y},{s.b}->{s.low}", dy, b.astype(dy.dtype))  # dy B^T
-    da = scale * jnp.einsum(f"{s.x},{s.low}->{s.a}", x, dlow)
-    db = scale * jnp.einsum(f"{s.low},{s.y}->{s.b}", low, dy)
+    dx = einsum(f"{s.y},{s.w}->{s.x}", dy, _merged_weight(eqn, scale, w, a, b, x.dtype))
+    low = einsum(f"{s.x},{s.a}->{s.low}", x, a.astype(x.dtype))  # x A
+    dlow = einsum(f"{s.y},{s.b}->{s.low}", dy, b.astype(dy.dtype))  # dy B^T
+    da = scale * einsum(f"{s.x},{s.low}->{s.a}", x, dlow)
+    db = scale * einsum(f"{s.low},{s.y}->{s.b}", low, dy)
     return dx.astype(x.dtype), None, da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -6,14 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.model import kv_cache
+from kaggle_pipeline.model import attend, kv_cache
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model.layers import Adaptation, Einsum, RMSNorm, project
 from kaggle_pipeline.model.lora import target
 from kaggle_pipeline.model.rope import apply_rope
-
-# The official fill value for masked logits (finite, so fully-masked rows stay NaN-free).
-MASK_VALUE = -2.3819763e38
 
 
 class Attention(nn.Module):
@@ -21,6 +18,7 @@ class Attention(nn.Module):
     kind: AttentionKind
     dtype: jnp.dtype = jnp.float32
     adapt: Adaptation = Adaptation()
+    chunk: int = 0  # query chunk length of attend.chunked, used when the mask is None
 
     def setup(self):
         c = self.config
@@ -45,13 +43,15 @@ class Attention(nn.Module):
         # One matmul per projection, each with its own LoRA factors (PEFT's q/k/v_proj).
         return self._adapted("q", x), self._adapted("k", x), self._adapted("v", x)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
                  ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         """x [B, T, D]; positions [B, T]; mask [B, T, T] (which earlier tokens each may see).
 
         With a cache: T > 1 is a prefill from an empty cache (right-padded prompts of `lengths`),
-        T == 1 is one decode step that attends over the cache.
+        T == 1 is one decode step that attends over the cache. mask None: the queries run in
+        chunks of `self.chunk` (attend.chunked), each chunk's mask made from `segment_ids`.
         """
         c = self.config
         q, k, v = self._project(x)
@@ -73,20 +73,18 @@ class Attention(nn.Module):
         elif cache is not None:
             new_cache = kv_cache.fill_from_prefill(cache, k, v, lengths)
 
-        if self.kind == AttentionKind.LOCAL:
-            window = c.sliding_window
-            qpos, kpos = positions[:, :, None], key_positions[:, None, :]
-            mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
-
+        window = c.sliding_window if self.kind == AttentionKind.LOCAL else None
         b, t, n, h = q.shape
-        groups = n // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, h)
-        logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype)).astype(jnp.float32)
-        if c.attn_logit_softcap is not None:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v.astype(self.dtype))
+        q = q.reshape(b, t, c.num_kv_heads, n // c.num_kv_heads, h)
+        if mask is None:
+            encoded = attend.chunked(q, k, v, positions, segment_ids, chunk=self.chunk,
+                                     window=window, softcap=c.attn_logit_softcap,
+                                     dtype=self.dtype)
+        else:
+            if window is not None:
+                qpos, kpos = positions[:, :, None], key_positions[:, None, :]
+                mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
+            encoded = attend.dense(q, k, v, mask, softcap=c.attn_logit_softcap, dtype=self.dtype)
         encoded = encoded.reshape(b, t, n, h)
         out = self._adapted("o", encoded)
         return out, new_cache

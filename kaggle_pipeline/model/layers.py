@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kaggle_pipeline.model import adapted_einsum
+from kaggle_pipeline.model.precision import einsum
 
 # Collection that holds LoRA factors, kept apart from the frozen base `params`.
 LORA = "lora"
@@ -55,17 +56,20 @@ def project(module: nn.Module, name: str, eqn: str, x: jax.Array, w: jax.Array,
     """einsum(eqn, x, w), plus scale * B(A(dropout(x))) if the module holds LoRA factors `name`.
 
     The factors live in the `lora` collection as {name: {"a": ..., "b": ...}}; their presence,
-    not a flag, decides whether the projection is adapted. x is already in the compute dtype.
+    not a flag, decides whether the projection is adapted. x is already in the compute dtype;
+    the matmuls accumulate in f32 and the result comes back in x's dtype.
     """
     if not module.has_variable(LORA, name):
-        return jnp.einsum(eqn, x, w.astype(x.dtype))
+        return einsum(eqn, x, w.astype(x.dtype)).astype(x.dtype)
     factors = module.get_variable(LORA, name)
     a, b = factors["a"], factors["b"]
     if adapt.dropout > 0.0 and not adapt.deterministic:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - adapt.dropout, x.shape)
         dropped = jnp.where(keep, x / (1.0 - adapt.dropout), 0.0)
-        return jnp.einsum(eqn, x, w.astype(x.dtype)) + adapted_einsum.lora_update(
+        y = einsum(eqn, x, w.astype(x.dtype)) + adapted_einsum.lora_update(
             eqn, dropped, a, b, adapt.scale)
-    if x.dtype == jnp.float32:
-        return adapted_einsum.merged(eqn, x, w, a, b, adapt.scale)
-    return adapted_einsum.separate(eqn, x, w, a, b, adapt.scale)
+    elif x.dtype == jnp.float32:
+        y = adapted_einsum.merged(eqn, x, w, a, b, adapt.scale)
+    else:
+        y = adapted_einsum.separate(eqn, x, w, a, b, adapt.scale)
+    return y.astype(x.dtype)

@@ -33,19 +33,42 @@ def add_target_slots(batch: dict[str, np.ndarray], max_targets: int) -> dict[str
     return {**batch, "loss_src": src, "loss_valid": valid}
 
 
+# Loss positions per row unembedded at once. Past this the logits ([V, rows x positions] f32,
+# a GB per TPU core for 8 rows of 1024 targets with a 256k vocabulary, and several such buffers
+# in the backward) are made chunk by chunk under jax.checkpoint.
+LOSS_CHUNK = 128
+
+
 def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Array],
-                    rngs: dict | None = None) -> jax.Array:
+                    rngs: dict | None = None, chunk: int = LOSS_CHUNK) -> jax.Array:
     """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid)."""
     hidden, _ = model.apply(variables, batch["tokens"], batch["positions"], batch["segment_ids"],
                             return_hidden=True, rngs=rngs)
     src = batch["loss_src"]
     picked = jnp.take_along_axis(hidden, src[..., None], axis=1)  # B M D
+    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1)  # B M
+    b, m, d = picked.shape
+    if m <= chunk:
+        return _logprobs(model, variables, picked, labels)
+    n = -(-m // chunk)
+    pad = n * chunk - m
+    picked = jnp.pad(picked, ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(labels, ((0, 0), (0, pad)))
+    # Chunks along the positions of every row, so each chunk keeps the batch's sharding.
+    parts = (jnp.moveaxis(picked.reshape(b, n, chunk, d), 1, 0),
+             jnp.moveaxis(labels.reshape(b, n, chunk), 1, 0))
+    out = jax.lax.map(jax.checkpoint(lambda part: _logprobs(model, variables, *part)), parts)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :m]
+
+
+def _logprobs(model: Transformer, variables: dict, picked: jax.Array, labels: jax.Array
+              ) -> jax.Array:
+    """picked hidden states [B, M, D], their next tokens [B, M] -> log-probabilities [B, M]."""
     b, m, d = picked.shape
     logits = model.apply(variables, picked.reshape(b * m, d),
                          method=Transformer.unembed_vocab_major)  # V N
-    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1).reshape(1, b * m)
     logz = jax.nn.logsumexp(logits, axis=0)
-    return (jnp.take_along_axis(logits, labels, axis=0)[0] - logz).reshape(b, m)
+    return (jnp.take_along_axis(logits, labels.reshape(1, b * m), axis=0)[0] - logz).reshape(b, m)
 
 
 def sequence_loss(model: Transformer, variables: dict, batch: dict[str, jax.Array],

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kaggle_pipeline.model.layer_stack import STACK
 from kaggle_pipeline.model.lora import TARGETS
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -32,6 +33,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "stack": None,
     "norm": None,
     "lora": None,
+    "layers": None,  # the scan axis of stacked layers (model/layer_stack.py)
+    "cache_length": None,
 }
 
 # param path pattern -> logical axes of its dimensions
@@ -63,6 +66,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
 
 
 def logical_axes(path: str, ndim: int, transpose_gating: bool = False) -> tuple[str | None, ...]:
+    """Logical axes of a param (or LoRA factor) by its path; a stacked layer's param has the
+    `layers` axis in front of its per-layer axes."""
+    if f"/{STACK}/" in f"/{path}":
+        return ("layers", *_layer_axes(path, ndim - 1, transpose_gating))
+    return _layer_axes(path, ndim, transpose_gating)
+
+
+def _layer_axes(path: str, ndim: int, transpose_gating: bool) -> tuple[str | None, ...]:
     if re.search(r"mlp/gating_einsum$", path):
         return ("stack", "mlp", "embed") if transpose_gating else ("stack", "embed", "mlp")
     if "/lora/" in f"/{path}" or re.search(rf"/({'|'.join(TARGETS)})/(a|b)$", path):
@@ -116,6 +127,16 @@ def like_params_shardings(tree, params_shardings_flat: Mapping[str, NamedShardin
                 return sharding
         return replicated
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def cache_shardings(cache, mesh: Mesh):
+    """A KV cache (`init_cache`) laid out like the activations: rows over the batch axes,
+    kv heads over `model`."""
+    def one(keypath, leaf):
+        axes = (("batch", "cache_length", "kv_heads", "head_dim") if leaf.ndim == 4
+                else ("batch", "cache_length"))
+        return NamedSharding(mesh, spec_for(axes, tuple(leaf.shape), mesh))
+    return jax.tree_util.tree_map_with_path(one, cache)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

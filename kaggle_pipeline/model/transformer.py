@@ -6,11 +6,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.model import kv_cache
+from kaggle_pipeline.model import kv_cache, layer_stack
 from kaggle_pipeline.model.attention import Attention
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model.feed_forward import FeedForward
-from kaggle_pipeline.model.layers import Adaptation, RMSNorm
+from kaggle_pipeline.model.layers import LORA, Adaptation, RMSNorm
+from kaggle_pipeline.model.precision import einsum
 
 
 class Block(nn.Module):
@@ -18,19 +19,70 @@ class Block(nn.Module):
     kind: AttentionKind
     dtype: jnp.dtype = jnp.float32
     adapt: Adaptation = Adaptation()
+    attention_chunk: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, lengths=None):
+    def __call__(self, x, positions, mask, cache=None, lengths=None, segment_ids=None):
         c = self.config
         lora = dict(adapt=self.adapt, dtype=self.dtype)
         norm = dict(eps=c.norm_eps, dtype=self.dtype)
         h = RMSNorm(name="pre_attention_norm", **norm)(x)
-        h, cache = Attention(c, self.kind, name="attn", **lora)(h, positions, mask, cache, lengths)
-        x = x + RMSNorm(name="post_attention_norm", **norm)(h)
+        h, cache = Attention(c, self.kind, name="attn", chunk=self.attention_chunk, **lora)(
+            h, positions, mask, cache, lengths, segment_ids)
+        x = x + RMSNorm(name="post_attention_norm", **norm)(h).astype(x.dtype)
         h = RMSNorm(name="pre_ffw_norm", **norm)(x)
         h = FeedForward(c, name="mlp", **lora)(h)
-        x = x + RMSNorm(name="post_ffw_norm", **norm)(h)
+        x = x + RMSNorm(name="post_ffw_norm", **norm)(h).astype(x.dtype)
         return x, cache
+
+
+class Group(nn.Module):
+    """One repetition of the attention pattern (a block per kind): the body of the layer scan.
+    Its blocks are named like DeepMind's stacked checkpoints (`attention_type_j`)."""
+
+    config: ModelConfig
+    kinds: tuple[AttentionKind, ...]
+    dtype: jnp.dtype = jnp.float32
+    adapt: Adaptation = Adaptation()
+    remat_policy: str | None = None  # None: no remat
+    attention_chunk: int = 0
+
+    @nn.compact
+    def __call__(self, x, cache, positions, mask, lengths, segment_ids):
+        block = _maybe_remat(Block, self.remat_policy)
+        new_cache = None if cache is None else {}
+        for j, kind in enumerate(self.kinds):
+            name = layer_stack.slot_name(j)
+            x, layer_cache = block(self.config, kind, dtype=self.dtype, adapt=self.adapt,
+                                   attention_chunk=self.attention_chunk, name=name)(
+                x, positions, mask, None if cache is None else cache[name], lengths, segment_ids)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        return x, new_cache
+
+
+# Remat policies (model.remat_policy): what the backward keeps instead of recomputing.
+# bf16 matmuls are found by name (precision.einsum), f32 ones as dots.
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "full": None,  # nothing: every block is recomputed whole
+    "dots": _policies.save_from_both_policies(  # the projections' outputs, not attention's
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names("projection")),
+}
+# A scan without remat still runs its body under a policy, "dots": a plain scan would save the
+# weights each layer gathered over fsdp as residuals (a whole replicated copy of the model on
+# every device), and keeping attention's f32 logits too (all dots) costs more than unrolled
+# layers do (2B, 8 x 1024 on a v3 core: 14.7 GB against 12.8 GB unrolled and 2.5 GB "dots").
+SCAN_KEEPS = "dots"
+
+
+def _maybe_remat(module, policy: str | None):
+    if policy is None:
+        return module
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}: one of {sorted(REMAT_POLICIES)}")
+    return nn.remat(module, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -43,7 +95,8 @@ def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 class Transformer(nn.Module):
-    """Gemma 2 / Gemma 3 text decoder. Param names follow the official Flax layout."""
+    """Gemma 2 / Gemma 3 text decoder. Param names follow the official Flax layout (per layer),
+    or its stacked form with `scan_layers` (model/layer_stack.py)."""
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype; params keep whatever dtype they are stored in
@@ -51,16 +104,30 @@ class Transformer(nn.Module):
     lora_dropout: float = 0.0
     deterministic: bool = True
     remat: bool = False  # recompute each block in the backward pass to save memory
+    remat_policy: str = "full"  # with remat: what is kept (REMAT_POLICIES)
+    scan_layers: bool = False  # one compiled block per pattern position, scanned over groups
+    attention_chunk: int = 0  # sequences longer than this attend in query chunks (0: never)
 
     def setup(self):
         c = self.config
         self.input_embedding = self.param(
             "embedder", lambda rng: {"input_embedding": 0.02 * jax.random.normal(
                 rng, (c.vocab_size, c.embed_dim))})
-        block = nn.remat(Block) if self.remat else Block
+        policy = self.remat_policy if self.remat else None
         adapt = Adaptation(self.lora_scale, self.lora_dropout, self.deterministic)
-        self.blocks = [block(c, kind, dtype=self.dtype, adapt=adapt, name=f"layer_{i}")
-                       for i, kind in enumerate(c.attention_kinds)]
+        lay = layer_stack.layout(c)
+        first_unrolled = lay.scanned if self.scan_layers else 0
+        if self.scan_layers and lay.groups:
+            group = nn.scan(Group, variable_axes={"params": 0, LORA: 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(0,) + (nn.broadcast,) * 4, length=lay.groups)
+            self.stack = group(c, c.attention_kinds[:lay.period], dtype=self.dtype, adapt=adapt,
+                               remat_policy=policy or SCAN_KEEPS,
+                               attention_chunk=self.attention_chunk, name=layer_stack.STACK)
+        block = _maybe_remat(Block, policy)
+        self.blocks = {i: block(c, c.attention_kinds[i], dtype=self.dtype, adapt=adapt,
+                                attention_chunk=self.attention_chunk, name=f"layer_{i}")
+                       for i in range(first_unrolled, c.num_layers)}
         self.final_norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -70,17 +137,27 @@ class Transformer(nn.Module):
 
         `segment_ids` (0 = padding) keep packed examples from attending to each other.
         With a cache, T > 1 is a prefill of right-padded prompts of `lengths`; T == 1 a decode step.
+        The cache is per layer (`init_cache`) whatever the params' layout.
         """
         table = self.input_embedding["input_embedding"]
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
+        # output to it in f32 (a bf16 stream is what makes bf16 logits drift: BENCHMARKS.md).
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
         # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
-        x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype)
-        mask = causal_segment_mask(segment_ids)
+        x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
+        chunked = 0 < self.attention_chunk < tokens.shape[1]
+        mask = None if chunked else causal_segment_mask(segment_ids)
         new_cache = {} if cache is not None else None
-        for i, block in enumerate(self.blocks):
+        if self.scan_layers and layer_stack.layout(self.config).groups:
+            stacked = None if cache is None else layer_stack.stack(cache, self.config)
+            x, stacked = self.stack(x, None if stacked is None else stacked[layer_stack.STACK],
+                                    positions, mask, lengths, segment_ids)
+            if cache is not None:
+                new_cache = layer_stack.unstack({layer_stack.STACK: stacked}, self.config)
+        for i, block in self.blocks.items():
             name = f"layer_{i}"
             x, layer_cache = block(x, positions, mask, None if cache is None else cache[name],
-                                   lengths)
+                                   lengths, segment_ids)
             if cache is not None:
                 new_cache[name] = layer_cache
         x = self.final_norm(x)
@@ -91,16 +168,16 @@ class Transformer(nn.Module):
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> f32 logits [..., V] (tied embedding, final soft-cap)."""
         table = self.input_embedding["input_embedding"].astype(self.dtype)
-        logits = jnp.einsum("...D,VD->...V", hidden.astype(self.dtype), table)
-        return self._softcap(logits.astype(jnp.float32))
+        logits = einsum("...D,VD->...V", hidden.astype(self.dtype), table)
+        return self._softcap(logits)
 
     def unembed_vocab_major(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [N, D] -> f32 logits [V, N]. For training: with the vocabulary as the
         leading axis, the loss and its gradient back to the hidden states (a 262k-long
         contraction) run about 1.5x faster on CPU than from [N, V] logits."""
         table = self.input_embedding["input_embedding"].astype(self.dtype)
-        logits = jnp.einsum("VD,ND->VN", table, hidden.astype(self.dtype))
-        return self._softcap(logits.astype(jnp.float32))
+        logits = einsum("VD,ND->VN", table, hidden.astype(self.dtype))
+        return self._softcap(logits)
 
     def _softcap(self, logits: jax.Array) -> jax.Array:
         cap = self.config.final_logit_softcap
@@ -109,14 +186,17 @@ class Transformer(nn.Module):
         return logits
 
 
-def init_params(config: ModelConfig, rng: jax.Array, dtype: jnp.dtype = jnp.float32) -> dict:
-    """Random params in the official nested layout (for tests and from-scratch runs)."""
-    model = Transformer(config)
+def init_params(config: ModelConfig, rng: jax.Array, dtype: jnp.dtype = jnp.float32,
+                scan_layers: bool = False) -> dict:
+    """Random params in the official nested layout, or its stacked form with `scan_layers`
+    (for tests and from-scratch runs)."""
+    model = Transformer(config, scan_layers=scan_layers)
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = model.init(rng, tokens, tokens, tokens + 1)["params"]
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
-def abstract_params(config: ModelConfig, dtype: jnp.dtype = jnp.float32) -> dict:
+def abstract_params(config: ModelConfig, dtype: jnp.dtype = jnp.float32,
+                    scan_layers: bool = False) -> dict:
     """Shapes and dtypes of the params, without allocating them: the contract for loaders."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, scan_layers))

@@ -49,6 +49,14 @@ class Trainer:
         step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
         return {"step": step, "trainable": trainable, "opt_state": opt_state}
 
+    def abstract_state(self, trainable: dict) -> dict:
+        """What `init_state` makes, as shapes and shardings only (for AOT compilation)."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+        state = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t,
+                                          "opt_state": self.optimizer.init(t)}, trainable)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, self.state_shardings(state))
+
     def trainable_shardings(self, trainable: dict):
         return shd.param_shardings(trainable, self.mesh, self.model.config.transpose_gating_einsum)
 

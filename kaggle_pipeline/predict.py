@@ -36,9 +36,11 @@ VALIDATION_LIMIT = 256
 
 def classification_scores(model: Transformer, variables: dict, tokenizer: Tokenizer,
                           spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig):
-    """[n, num_labels] label scores with the run's packing sizes."""
+    """Label scores ([n, num_labels], and how many prompts were cut) with the run's packing
+    sizes, on the run's mesh."""
     return classify(model, variables, tokenizer, spec, examples, seq_len=cfg.data.seq_len,
-                    batch_size=cfg.data.batch_size * 2)
+                    batch_size=cfg.data.batch_size * 2, max_prompt_len=cfg.data.max_prompt_len,
+                    mesh=run_setup.build_mesh(cfg))
 
 
 def validate_classification(model: Transformer, variables: dict, tokenizer: Tokenizer,
@@ -46,9 +48,10 @@ def validate_classification(model: Transformer, variables: dict, tokenizer: Toke
                             cfg: RunConfig) -> tuple[dict, list]:
     """(metrics of the decision calibrated on these examples, that decision per example)."""
     labels = list(spec.label_map)
-    scores = classification_scores(model, variables, tokenizer, spec, examples, cfg)
+    scores, truncated = classification_scores(model, variables, tokenizer, spec, examples, cfg)
     result = validation.calibrated_classification(scores, [e.label for e in examples], labels,
                                                   list(spec.label_map.values()))
+    result["truncated_prompts"] = truncated
     return result, decide(scores, labels, result["threshold"])
 
 
@@ -64,10 +67,13 @@ def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenize
         raise ValueError(f"task {spec.name!r}: no validation example has a reference answer")
     log(f"generating {len(chosen)} validation answers"
         + (f" (the first {limit} of {len(examples)})" if len(examples) > limit else ""))
-    predictions = generate(model, variables, tokenizer, spec, chosen,
-                           max_new_tokens=max_new_tokens, batch_size=cfg.data.batch_size)
+    predictions, truncated = generate(model, variables, tokenizer, spec, chosen,
+                                      max_new_tokens=max_new_tokens,
+                                      max_prompt_len=cfg.data.max_prompt_len,
+                                      mesh=run_setup.build_mesh(cfg))
     references = [e.answer for e in chosen]
     result = validation.generation_metrics(predictions, references, spec.target_lang)
+    result["truncated_prompts"] = truncated
     path = validation.write_table(cfg.run_dir / validation.VALIDATION_FILE, {
         "id": [e.id for e in chosen], "prediction": predictions, "reference": references})
     result["predictions_file"] = str(path)
@@ -88,10 +94,12 @@ def predict_test(model: Transformer, variables: dict, tokenizer: Tokenizer, spec
     log(f"predicting {len(examples)} test rows of {cfg.data.test}")
     if spec.kind == "classification":
         predictions = decide(classification_scores(model, variables, tokenizer, spec, examples,
-                                                   cfg), list(spec.label_map), threshold)
+                                                   cfg).scores, list(spec.label_map), threshold)
     else:
         predictions = generate(model, variables, tokenizer, spec, examples,
-                               max_new_tokens=max_new_tokens, batch_size=cfg.data.batch_size)
+                               max_new_tokens=max_new_tokens,
+                               max_prompt_len=cfg.data.max_prompt_len,
+                               mesh=run_setup.build_mesh(cfg)).texts
     first = test_paths[0] if isinstance(test_paths, tuple) else test_paths
     return write_task_submission(spec, first, cfg.output.submissions,
                                  [e.id for e in examples], predictions)

@@ -47,6 +47,9 @@ class DataSection:
     loss_on: str = "label"
     on_bad_row: str = "error"  # or "skip"
     pack: bool = True
+    # Prompt tokens kept when scoring labels or generating: longer prompts lose their middle (the
+    # label or answer part is never cut); summary.json counts them.
+    max_prompt_len: int = 2048
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,8 @@ def direct_label_logprobs(model, variables, tokenizer, prompt, word) -> list[flo
 def test_multi_token_label_scores_sum_all_their_tokens(model, variables, tokenizer):
     words = ["아주 맛있는 식당이에요", "별로", "그저 그런 편이었습니다"]
     prompts = prompts_of(REVIEWS[:3])
-    scores = score_labels(model, variables, tokenizer, prompts, words, seq_len=128, batch_size=4)
+    scores = score_labels(model, variables, tokenizer, prompts, words, seq_len=128,
+                          batch_size=4).scores
     lengths = set()
     for i, prompt in enumerate(prompts):
         for j, word in enumerate(words):
@@ -123,11 +124,11 @@ def test_batching_and_packing_order_do_not_change_scores(model, variables, token
     words = ["긍정", "부정", "잘 모르겠음"]
     prompts = prompts_of(REVIEWS)
     one_per_batch = score_labels(model, variables, tokenizer, prompts, words, seq_len=32,
-                                 batch_size=1)
+                                 batch_size=1).scores
     packed = score_labels(model, variables, tokenizer, prompts, words, seq_len=128,
-                          batch_size=4)
+                          batch_size=4).scores
     reversed_order = score_labels(model, variables, tokenizer, prompts[::-1], words,
-                                  seq_len=128, batch_size=4)[::-1]
+                                  seq_len=128, batch_size=4).scores[::-1]
     assert np.abs(one_per_batch - packed).max() <= 1e-5
     assert np.abs(one_per_batch - reversed_order).max() <= 1e-5
     assert len(set(np.round(one_per_batch.ravel(), 3))) > 6  # real, distinct scores
@@ -143,7 +144,7 @@ def test_classification_prediction_is_always_a_valid_label(model, variables, tok
         examples = build_examples(task, frame, with_answers=False)
         scores = predictions.classify(model, variables, tokenizer, task, examples,
                                       seq_len=cfg.data.seq_len,
-                                      batch_size=cfg.data.batch_size * 2)
+                                      batch_size=cfg.data.batch_size * 2).scores
         labels = list(task.label_map)
         assert scores.shape == (len(examples), len(labels)) and np.isfinite(scores).all()
         decided = predictions.decide(scores, labels)
@@ -217,7 +218,8 @@ def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_p
     # The Dolly reader takes the (English, Korean) pair; ids are <record>-<field>. The answers
     # are canned (decoding is tested above): each one names its prompt.
     monkeypatch.setattr(predict, "generate", lambda model, variables, tokenizer, spec,
-                        examples, **kw: [f"번역 {e.prompt[0].text[-12:]}" for e in examples])
+                        examples, **kw: predictions.Answers(
+                            [f"번역 {e.prompt[0].text[-12:]}" for e in examples], 0))
     pair = f"{FIXTURES / 'dolly_en.jsonl'},{FIXTURES / 'dolly_ko.jsonl'}"
     cfg = translation_config(tmp_path, pair, "dolly-en-ko")
     spec = run_setup.task_spec(cfg)
@@ -236,7 +238,7 @@ def test_generation_answers_follow_the_examples_order(model, variables, tokenize
     spec = get_task("aihub-parallel")
     examples = [Example(str(i), [Turn("user", text)]) for i, text in enumerate(REVIEWS)]
     batched = predictions.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6,
-                               batch_size=2)
+                                   max_batch=2).texts
     for example, text in zip(examples, batched, strict=True):
         prompt = encode_prompt(tokenizer, example.prompt).tolist()
         ids = greedy_full_forward(model, variables, prompt, 6,
@@ -259,7 +261,7 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
     assert written["reference"].to_list() == frame["en"].to_list()[:2]
     hyps = written["prediction"].fill_null("").to_list()
     assert hyps == predictions.generate(model, variables, tokenizer, spec, examples[:2],
-                                    max_new_tokens=6, batch_size=2)
+                                        max_new_tokens=6).texts
     expected = metrics.generation_scores(hyps, written["reference"].to_list(),
                                          expected_script="latin")
     for key, value in expected.items():

@@ -1,15 +1,26 @@
-"""Batched generation: one jitted prefill, then a while-loop of cached decode steps."""
+"""Batched generation: one jitted prefill, then a while-loop of cached decode steps that ends when
+every sequence has produced a stop token; `generate_many` runs many prompts through it in
+batches of similar length whose size a token budget bounds.
+
+Prompts are left-padded (right-aligned), so every row writes its next key and value at the same
+cache slot (model/kv_cache.py) and the prompt's last token is the last column for all rows.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from kaggle_pipeline.inference import placement
+from kaggle_pipeline.inference.prompts import truncate_middle
 from kaggle_pipeline.model import Transformer, init_cache
+from kaggle_pipeline.model.kv_cache import prompt_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,17 @@ def sample_token(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def next_token(model: Transformer, variables: dict, hidden: jax.Array, rng: jax.Array,
+               cfg: SamplingConfig) -> jax.Array:
+    """The token after each final hidden state [B, D]. Greedy takes the argmax of vocabulary-major
+    logits [V, B]: the 262k-row unembedding runs up to 2x faster on CPU in that layout."""
+    if cfg.temperature <= 0.0:
+        logits = model.apply(variables, hidden, method=Transformer.unembed_vocab_major)
+        return jnp.argmax(logits, axis=0).astype(jnp.int32)
+    logits = model.apply(variables, hidden, method=Transformer.unembed)
+    return sample_token(logits, rng, cfg)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -46,33 +68,37 @@ def _round_up(n: int, multiple: int) -> int:
 class Sampler:
     """Generates continuations for a batch of prompts of different lengths.
 
-    Prompts are right-padded to a multiple of `pad_multiple` so few shapes get compiled.
-    `stop_ids` (e.g. <end_of_turn> and <eos>) end a sequence; they are not returned.
+    Prompts are left-padded to a multiple of `pad_multiple` so few shapes get compiled.
+    `stop_ids` (e.g. <end_of_turn> and <eos>) end a sequence; they are not returned. On a
+    `mesh`, the batch is split over its data and fsdp axes and the weights over fsdp and model
+    (model/sharding.py's rules); the cache follows the batch and the kv heads.
     """
 
     model: Transformer
     stop_ids: Sequence[int]
     pad_multiple: int = 32
+    mesh: Mesh | None = None
 
     def __post_init__(self):
-        self._compiled = {}
+        self._compiled: dict = {}
 
-    def _build(self, sampling: SamplingConfig):
+    def _build(self, sampling: SamplingConfig) -> Callable:
         model, cfg = self.model, self.model.config
         stop = jnp.asarray(list(self.stop_ids), jnp.int32)
+        mesh = self.mesh
+
+        def constrain(tree, axes):
+            return tree if mesh is None else placement.constrain(tree, axes, mesh)
 
         def run(variables, tokens, lengths, rng):
-            b, length = tokens.shape
-            max_len = length + sampling.max_new_tokens
-            positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-            segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-            cache = init_cache(cfg, b, max_len, model.dtype)
+            b, width = tokens.shape
+            positions, segment_ids = prompt_positions(lengths, width)
+            cache = init_cache(cfg, b, width + sampling.max_new_tokens, model.dtype)
+            cache = constrain(cache, placement.cache_axes(cache))
             hidden, cache = model.apply(variables, tokens, positions, segment_ids, cache, lengths,
                                         return_hidden=True)
-            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            logits = model.apply(variables, last, method=Transformer.unembed)
             rng, step_rng = jax.random.split(rng)
-            token = sample_token(logits, step_rng, sampling)
+            token = next_token(model, variables, hidden[:, -1], step_rng, sampling)
             out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32)
             done = jnp.zeros((b,), bool)
 
@@ -82,12 +108,14 @@ class Sampler:
 
             def body(state):
                 i, token, pos, cache, done, out, rng = state
-                out = out.at[:, i].set(jnp.where(done, stop[0], token))
+                out = jax.lax.dynamic_update_slice_in_dim(
+                    out, jnp.where(done, stop[0], token)[:, None], i, axis=1)
                 done = done | jnp.isin(token, stop)
-                logits, cache = model.apply(variables, token[:, None], pos[:, None],
-                                            jnp.ones((b, 1), jnp.int32), cache)
+                hidden, cache = model.apply(variables, token[:, None], pos[:, None],
+                                            jnp.ones((b, 1), jnp.int32), cache,
+                                            return_hidden=True)
                 rng, step_rng = jax.random.split(rng)
-                token = sample_token(logits[:, 0], step_rng, sampling)
+                token = next_token(model, variables, hidden[:, 0], step_rng, sampling)
                 return i + 1, token, pos + 1, cache, done, out, rng
 
             state = (0, token, lengths, cache, done, out, rng)
@@ -97,13 +125,17 @@ class Sampler:
 
     def generate(self, variables: dict, prompts: Sequence[Sequence[int]],
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
+        """The continuation of each prompt (stop token excluded), in the prompts' order."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        length = _round_up(max(len(p) for p in prompts), self.pad_multiple)
-        tokens = np.zeros((len(prompts), length), np.int32)
+        width = _round_up(max(len(p) for p in prompts), self.pad_multiple)
+        tokens = np.zeros((len(prompts), width), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
+            tokens[i, width - len(p):] = p
         lengths = np.array([len(p) for p in prompts], np.int32)
+        if self.mesh is not None:
+            variables = placement.place_variables(variables, self.mesh, self.model.config)
+            tokens, lengths = placement.place_batch((tokens, lengths), self.mesh)
         if sampling not in self._compiled:
             self._compiled[sampling] = self._build(sampling)
         out = np.asarray(self._compiled[sampling](variables, tokens, lengths,
@@ -118,3 +150,48 @@ class Sampler:
                 seq.append(t)
             results.append(seq)
         return results
+
+
+class Generations(NamedTuple):
+    tokens: list[list[int]]  # per prompt, in the prompts' order, stop token excluded
+    truncated: int  # prompts cut to max_prompt_len (their middle removed)
+
+
+def batch_size_for(width: int, max_new_tokens: int, token_budget: int, max_batch: int) -> int:
+    """Rows per batch: the largest power of two with rows x (prompt + new tokens) within the
+    budget (the KV cache and activations grow with it), at least 1, at most max_batch."""
+    rows = max(1, min(max_batch, token_budget // (width + max_new_tokens)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def generate_many(sampler: Sampler, variables: dict, prompts: Sequence[Sequence[int]],
+                  sampling: SamplingConfig = SamplingConfig(), *, max_prompt_len: int = 2048,
+                  token_budget: int = 16384, max_batch: int = 32, seed: int = 0,
+                  on_batch: Callable[[int, int], None] | None = None) -> Generations:
+    """Generates for any number of prompts: longest first, in batches of one padded length
+    whose size `batch_size_for` picks; a batch's last rows are filled with copies of its first
+    prompt up to a power of two, so each length compiles at most a few shapes. Prompts longer
+    than max_prompt_len lose their middle (`prompts.truncate_middle`).
+    `on_batch(prompts_done, tokens_generated)` is called after each batch (progress)."""
+    if not prompts:
+        return Generations([], 0)
+    cut = [truncate_middle(list(p), max_prompt_len) for p in prompts]
+    truncated = sum(len(c) < len(p) for c, p in zip(cut, prompts, strict=True))
+    order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))
+    outputs: list[list[int]] = [[] for _ in cut]
+    start = 0
+    while start < len(order):
+        width = _round_up(len(cut[order[start]]), sampler.pad_multiple)
+        rows = batch_size_for(width, sampling.max_new_tokens, token_budget, max_batch)
+        group = order[start:start + rows]
+        start += len(group)
+        padded = 1 << (len(group) - 1).bit_length()  # the next power of two
+        batch = [cut[i] for i in group]
+        batch += [batch[0]] * (padded - len(batch))
+        results = sampler.generate(variables, batch, sampling, seed=seed + start)
+        for i, seq in zip(group, results, strict=False):
+            outputs[i] = seq
+        if on_batch is not None:
+            on_batch(len(group), sum(len(s) for s in results[:len(group)]))
+    return Generations(outputs, truncated)
+

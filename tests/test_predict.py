@@ -20,9 +20,10 @@ from kaggle_pipeline.data.chat_template import Turn, encode_conversation, encode
 from kaggle_pipeline.data.tasks import Example, build_examples, get_task, load_records
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import metrics, validation
-from kaggle_pipeline.inference import predictions
+from kaggle_pipeline.inference import label_scoring, predictions
 from kaggle_pipeline.inference.label_scoring import score_labels
-from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
+from kaggle_pipeline.inference.prompts import truncate_middle
+from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, generate_many
 from kaggle_pipeline.model import Transformer, abstract_params
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.run_config import PROJECT_DIR, load_config
@@ -156,6 +157,89 @@ def test_classification_prediction_is_always_a_valid_label(model, variables, tok
             assert predictions.decide(scores, labels, margins.min() - 1) == [1] * len(examples)
         else:
             assert decided == [labels[i] for i in scores.argmax(axis=1)]
+
+
+def test_truncate_middle_keeps_the_start_and_the_end():
+    ids = list(range(1000))
+    assert truncate_middle(ids, 1000) == ids
+    cut = truncate_middle(ids, 100)
+    assert len(cut) == 100 and cut[:25] == ids[:25] and cut[25:] == ids[-75:]
+    assert truncate_middle(ids, 400)[:32] == ids[:32]  # at most HEAD_TOKENS from the start
+
+
+def test_one_long_test_review_is_cut_and_scored_without_padding_the_others(
+        model, variables, tokenizer, monkeypatch):
+    # Issue 12: one 10,000-character review (6,001 tokens) padded every row to its length and
+    # was OOM-killed. Now it loses its middle (data.max_prompt_len), it is counted, and the
+    # other rows are scored in their own short bucket exactly as without it.
+    words = ["긍정", "부정"]
+    long_review = ("음식이 정말 맛있고 직원분들도 친절했어요. " * 500)[:10_000]
+    prompts = prompts_of([REVIEWS[0], long_review, REVIEWS[1]])
+    assert len(encode_prompt(tokenizer, prompts[1])) > 2000
+    shapes = []
+    compiled = label_scoring._compiled_logprobs
+
+    def recording(model):
+        fn = compiled(model)
+
+        def call(variables, inputs):
+            shapes.append(inputs["tokens"].shape)
+            return fn(variables, inputs)
+        return call
+
+    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    result = score_labels(model, variables, tokenizer, prompts, words, seq_len=32, batch_size=4,
+                          max_prompt_len=96)
+    assert result.truncated == 1
+    # Batches hold at most batch_size x seq_len tokens, and no row is longer than the cut prompt
+    # plus its answer (rounded up to 64).
+    assert max(b * t for b, t in shapes) <= 4 * 32 and max(t for _, t in shapes) <= 128
+    short = score_labels(model, variables, tokenizer, [prompts[0], prompts[2]], words,
+                         seq_len=32, batch_size=4, max_prompt_len=96)
+    assert short.truncated == 0
+    np.testing.assert_allclose(result.scores[[0, 2]], short.scores, atol=1e-5)
+    # The long row is scored as its cut sequence: the first 24 prompt tokens, then the last 72.
+    for j, word in enumerate(words):
+        ids, targets = label_scoring.encode_with_answer(tokenizer, prompts[1], word, "chat",
+                                                        label_only=True)
+        first = int(np.argmax(targets))
+        kept = ids[:24].tolist() + ids[first - 72:].tolist()
+        at = [96 + k - 1 for k in range(int(targets.sum()))]
+        logp = jax.nn.log_softmax(full_logits(model, variables, kept, at), axis=-1)
+        expected = sum(float(logp[k, kept[96 + k]]) for k in range(len(at)))
+        assert result.scores[1, j] == pytest.approx(expected, abs=2e-4)
+
+
+def test_a_long_generation_prompt_loses_its_middle_and_is_counted(model, variables, tokenizer):
+    prompts = [encode_prompt(tokenizer, p).tolist()
+               for p in prompts_of([REVIEWS[0], REVIEWS[2] * 40])]
+    assert len(prompts[1]) > 200
+    sampler = Sampler(model, stop_ids=[tokenizer.end_of_turn_id, tokenizer.eos_id])
+    sampling = SamplingConfig(max_new_tokens=5)
+    got = generate_many(sampler, variables, prompts, sampling, max_prompt_len=64)
+    assert got.truncated == 1
+    assert got.tokens == sampler.generate(variables, [prompts[0], truncate_middle(prompts[1], 64)],
+                                          sampling)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scoring_and_generation_run_in_the_models_precision(variables, tokenizer, dtype):
+    model = Transformer(CONFIG, dtype=dtype)
+    prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts_of(REVIEWS[:2])]
+    sampler = Sampler(model, stop_ids=[tokenizer.end_of_turn_id, tokenizer.eos_id])
+    got = sampler.generate(variables, prompts, SamplingConfig(max_new_tokens=5))
+    # The cache holds keys and values in the compute dtype; greedy tokens equal a full forward
+    # pass in that dtype at every step.
+    assert got == [greedy_full_forward(model, variables, p, 5) for p in prompts]
+    words = ["긍정", "부정"]
+    scores = score_labels(model, variables, tokenizer, prompts_of(REVIEWS[:2]), words,
+                          seq_len=128, batch_size=4).scores
+    reference = score_labels(Transformer(CONFIG), variables, tokenizer, prompts_of(REVIEWS[:2]),
+                             words, seq_len=128, batch_size=4).scores
+    # bf16 keeps 8 significant bits: scores of size ~30 agree to 2^-7 of their size (measured:
+    # 0.09 of 34, a third of the bound).
+    tolerance = 1e-5 if dtype == "float32" else 2**-7 * np.abs(reference).max()
+    assert np.abs(scores - reference).max() <= tolerance
 
 
 # ----------------------------------------------------------------------------- generation

@@ -9,6 +9,7 @@ cache slot (model/kv_cache.py) and the prompt's last token is the last column fo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -49,13 +50,26 @@ def sample_token(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def argmax_vocab_major(logits: jax.Array, block: int = 512) -> jax.Array:
+    """argmax over axis 0 of [V, B] logits, the first index on ties like jnp.argmax. In blocks:
+    the maximum of each block of rows (a plain, vectorized reduction), the first block holding
+    the overall maximum, then the argmax inside it. XLA's CPU argmax (a reduction over value and
+    index pairs) took 10x longer over 262k x 32 logits than this."""
+    v, b = logits.shape
+    block = math.gcd(v, block)
+    blocks = logits.reshape(v // block, block, b)
+    best_block = jnp.argmax(jnp.max(blocks, axis=1), axis=0)  # [B]
+    rows = jnp.take_along_axis(blocks, best_block[None, None, :], axis=0)[0]  # [block, B]
+    return (best_block * block + jnp.argmax(rows, axis=0)).astype(jnp.int32)
+
+
 def next_token(model: Transformer, variables: dict, hidden: jax.Array, rng: jax.Array,
                cfg: SamplingConfig) -> jax.Array:
     """The token after each final hidden state [B, D]. Greedy takes the argmax of vocabulary-major
     logits [V, B]: the 262k-row unembedding runs up to 2x faster on CPU in that layout."""
     if cfg.temperature <= 0.0:
         logits = model.apply(variables, hidden, method=Transformer.unembed_vocab_major)
-        return jnp.argmax(logits, axis=0).astype(jnp.int32)
+        return argmax_vocab_major(logits)
     logits = model.apply(variables, hidden, method=Transformer.unembed)
     return sample_token(logits, rng, cfg)
 

@@ -21,6 +21,7 @@ from kaggle_pipeline.data.tasks import Example, build_examples, get_task, load_r
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import metrics, validation
 from kaggle_pipeline.inference import label_scoring, predictions
+from kaggle_pipeline.inference import sampler as sampler_module
 from kaggle_pipeline.inference.label_scoring import score_labels
 from kaggle_pipeline.inference.prompts import truncate_middle
 from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, generate_many
@@ -277,6 +278,32 @@ def test_sampler_equals_a_greedy_full_forward_loop(model, variables, tokenizer):
     assert stopped[row] == expected[row][:at]
     for seq, got_seq in zip(expected, stopped, strict=True):
         assert got_seq == (seq[:seq.index(stop)] if stop in seq else seq)
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_decode_unchanged(model, variables,
+                                                                     tokenizer, monkeypatch):
+    # One long answer must not keep a batch of finished rows computing: every chunk_steps steps
+    # the rows still going move to a smaller batch (their cache rows gathered), and their
+    # tokens stay those of the greedy full-forward loop.
+    prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts_of(REVIEWS)]
+    steps = 9
+    expected = [greedy_full_forward(model, variables, p, steps) for p in prompts]
+    # Stop tokens that end the first three rows early, none of which the last row produces.
+    stops = {seq[k] for seq, k in zip(expected[:3], (1, 2, 3), strict=True)}
+    assert not stops & set(expected[3])
+    sizes = []
+    take = sampler_module._take_rows
+
+    def recording(state, rows):
+        sizes.append(len(rows))
+        return take(state, rows)
+
+    monkeypatch.setattr(sampler_module, "_take_rows", recording)
+    sampler = Sampler(model, stop_ids=sorted(stops), chunk_steps=2)
+    got = sampler.generate(variables, prompts, SamplingConfig(max_new_tokens=steps))
+    cut = [next((seq[:k] for k, t in enumerate(seq) if t in stops), seq) for seq in expected]
+    assert got == cut
+    assert sizes and sizes[-1] == 1  # the batch shrank to the one row still going
 
 
 def translation_config(tmp_path, test: Path | str, task="aihub-parallel", *extra):

@@ -92,11 +92,15 @@ class Sampler:
     stop_ids: Sequence[int]
     pad_multiple: int = 32
     mesh: Mesh | None = None
+    chunk_steps: int = 16  # decode steps between checks for finished rows
 
     def __post_init__(self):
         self._compiled: dict = {}
 
-    def _build(self, sampling: SamplingConfig) -> Callable:
+    def _build(self, sampling: SamplingConfig) -> tuple[Callable, Callable]:
+        """(prefill, decode): prefill(variables, tokens, lengths, rng) -> state;
+        decode(variables, state, stop_at) runs steps until step stop_at or until every row is
+        done. The state is (step, token, position, cache, done, out, rng)."""
         model, cfg = self.model, self.model.config
         stop = jnp.asarray(list(self.stop_ids), jnp.int32)
         mesh = self.mesh
@@ -104,7 +108,7 @@ class Sampler:
         def constrain(tree, axes):
             return tree if mesh is None else placement.constrain(tree, axes, mesh)
 
-        def run(variables, tokens, lengths, rng):
+        def prefill(variables, tokens, lengths, rng):
             b, width = tokens.shape
             positions, segment_ids = prompt_positions(lengths, width)
             cache = init_cache(cfg, b, width + sampling.max_new_tokens, model.dtype)
@@ -115,10 +119,14 @@ class Sampler:
             token = next_token(model, variables, hidden[:, -1], step_rng, sampling)
             out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32)
             done = jnp.zeros((b,), bool)
+            return jnp.zeros((), jnp.int32), token, lengths, cache, done, out, rng
+
+        def decode(variables, state, stop_at):
+            b = state[1].shape[0]
 
             def cond(state):
                 i, _, _, _, done, _, _ = state
-                return (i < sampling.max_new_tokens) & ~jnp.all(done)
+                return (i < stop_at) & ~jnp.all(done)
 
             def body(state):
                 i, token, pos, cache, done, out, rng = state
@@ -132,14 +140,17 @@ class Sampler:
                 token = next_token(model, variables, hidden[:, 0], step_rng, sampling)
                 return i + 1, token, pos + 1, cache, done, out, rng
 
-            state = (0, token, lengths, cache, done, out, rng)
-            return jax.lax.while_loop(cond, body, state)[5]
+            return jax.lax.while_loop(cond, body, state)
 
-        return jax.jit(run)
+        return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
 
     def generate(self, variables: dict, prompts: Sequence[Sequence[int]],
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
-        """The continuation of each prompt (stop token excluded), in the prompts' order."""
+        """The continuation of each prompt (stop token excluded), in the prompts' order.
+
+        Decodes `chunk_steps` steps at a time; when at most half the rows are still going, the
+        batch shrinks to the next power of two above them (their cache rows gathered), so one
+        long answer no longer keeps a whole batch of finished rows computing."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         width = _round_up(max(len(p) for p in prompts), self.pad_multiple)
@@ -152,11 +163,34 @@ class Sampler:
             tokens, lengths = placement.place_batch((tokens, lengths), self.mesh)
         if sampling not in self._compiled:
             self._compiled[sampling] = self._build(sampling)
-        out = np.asarray(self._compiled[sampling](variables, tokens, lengths,
-                                                  jax.random.key(seed)))
+        prefill, decode = self._compiled[sampling]
+        state = prefill(variables, tokens, lengths, jax.random.key(seed))
+        rows = np.arange(len(prompts))  # the prompt each row of the state decodes
+        outputs = np.zeros((len(prompts), sampling.max_new_tokens), np.int32)
+        step = 0
+        while True:
+            step = min(step + self.chunk_steps, sampling.max_new_tokens)
+            state = decode(variables, state, jnp.asarray(step, jnp.int32))
+            done = np.asarray(state[4])
+            if done.all() or step >= sampling.max_new_tokens:
+                break
+            live = np.flatnonzero(~done)
+            if len(live) > len(done) // 2:
+                continue
+            # Keep the rows still going (and copies of one of them up to a power of two).
+            out = np.asarray(state[5])
+            finished = done & (rows >= 0)  # -1: a row that only fills the batch
+            outputs[rows[finished]] = out[finished]
+            keep = np.concatenate([live, np.full((1 << (len(live) - 1).bit_length())
+                                                 - len(live), live[0])])
+            rows = np.where(np.arange(len(keep)) < len(live), rows[keep], -1)
+            state = _take_rows(state, jnp.asarray(keep))
+        out = np.asarray(state[5])
+        real = rows >= 0
+        outputs[rows[real]] = out[real]
         stop = set(self.stop_ids)
         results = []
-        for row in out:
+        for row in outputs:
             seq = []
             for t in row.tolist():
                 if t in stop:
@@ -164,6 +198,13 @@ class Sampler:
                 seq.append(t)
             results.append(seq)
         return results
+
+
+@jax.jit
+def _take_rows(state: tuple, rows: jax.Array) -> tuple:
+    """The decode state of the given batch rows (every array with a batch axis is gathered; the
+    step count, the cache's shared write slot and the rng are not)."""
+    return jax.tree.map(lambda x: x[rows] if x.ndim else x, state)
 
 
 class Generations(NamedTuple):

@@ -32,7 +32,7 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import validation
 from kaggle_pipeline.files import read_json_object, write_text_atomically
-from kaggle_pipeline.inference.predictions import classify, decide, generate
+from kaggle_pipeline.inference.predictions import Answers, classify, decide, generate
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.run_config import RunConfig, load_config
 from kaggle_pipeline.submission import write_task_submission
@@ -42,9 +42,11 @@ SUMMARY_FILE = "summary.json"
 
 def classification_scores(model: Transformer, variables: dict, tokenizer: Tokenizer,
                           spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig):
-    """[n, num_labels] label scores with the run's packing sizes."""
+    """Label scores ([n, num_labels], and how many prompts were cut) with the run's packing
+    sizes, on the run's mesh."""
     return classify(model, variables, tokenizer, spec, examples, seq_len=cfg.data.seq_len,
-                    batch_size=cfg.data.batch_size * 2)
+                    batch_size=cfg.data.batch_size * 2, max_prompt_len=cfg.data.max_prompt_len,
+                    mesh=run_setup.build_mesh(cfg))
 
 
 def _capped(examples: Sequence[Example], cfg: RunConfig, spec: TaskSpec) -> list[Example]:
@@ -62,20 +64,22 @@ def validate_classification(model: Transformer, variables: dict, tokenizer: Toke
                             cfg: RunConfig) -> tuple[dict, list]:
     """(metrics of the decision calibrated on these examples, that decision per example)."""
     labels = list(spec.label_map)
-    scores = classification_scores(model, variables, tokenizer, spec, examples, cfg)
+    scores, truncated = classification_scores(model, variables, tokenizer, spec, examples, cfg)
     result = validation.calibrated_classification(scores, [e.label for e in examples], labels,
                                                   list(spec.label_map.values()))
+    result["truncated_prompts"] = truncated
     return validation.with_headline(result, spec.metric), decide(scores, labels,
                                                                  result["threshold"])
 
 
 def generate_answers(model: Transformer, variables: dict, tokenizer: Tokenizer, spec: TaskSpec,
-                     examples: Sequence[Example], cfg: RunConfig) -> list[str]:
-    """The answers to the examples' prompts, decoded as [task] says (run_setup.sampling_config).
-    """
-    sampling = run_setup.sampling_config(cfg)
+                     examples: Sequence[Example], cfg: RunConfig) -> Answers:
+    """The answers to the examples' prompts (and how many prompts were cut), decoded as [task]
+    says (run_setup.sampling_config), on the run's mesh."""
     return generate(model, variables, tokenizer, spec, examples,
-                    max_new_tokens=sampling.max_new_tokens, batch_size=cfg.data.batch_size)
+                    sampling=run_setup.sampling_config(cfg),
+                    max_prompt_len=cfg.data.max_prompt_len, mesh=run_setup.build_mesh(cfg),
+                    seed=cfg.train.seed)
 
 
 def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenizer,
@@ -87,10 +91,11 @@ def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenize
     if not chosen:
         raise ValueError(f"task {spec.name!r}: no validation example has a reference answer")
     log(f"generating {len(chosen)} validation answers")
-    predictions = generate_answers(model, variables, tokenizer, spec, chosen, cfg)
+    predictions, truncated = generate_answers(model, variables, tokenizer, spec, chosen, cfg)
     references = [e.answer for e in chosen]
     result = validation.generation_metrics(predictions, references, spec.target_lang)
     result = validation.with_headline(result, spec.metric)
+    result["truncated_prompts"] = truncated
     path = validation.write_table(cfg.run_dir / validation.VALIDATION_FILE, {
         "id": [e.id for e in chosen], "prediction": predictions, "reference": references})
     result["predictions_file"] = str(path)
@@ -112,9 +117,9 @@ def predict_test(model: Transformer, variables: dict, tokenizer: Tokenizer, spec
     log(f"predicting {len(examples)} test rows of {cfg.data.test}")
     if spec.kind == "classification":
         predictions = decide(classification_scores(model, variables, tokenizer, spec, examples,
-                                                   cfg), list(spec.label_map), threshold)
+                                                   cfg).scores, list(spec.label_map), threshold)
     else:
-        predictions = generate_answers(model, variables, tokenizer, spec, examples, cfg)
+        predictions = generate_answers(model, variables, tokenizer, spec, examples, cfg).texts
     first = test_paths[0] if isinstance(test_paths, tuple) else test_paths
     return write_task_submission(spec, first, cfg.output.submissions,
                                  [e.id for e in examples], predictions,

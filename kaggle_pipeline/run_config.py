@@ -64,6 +64,9 @@ class DataSection:
     loss_on: str = "label"
     on_bad_row: str = "error"  # or "skip"
     pack: bool = True
+    # Prompt tokens kept when scoring labels or generating: longer prompts lose their middle (the
+    # label or answer part is never cut); summary.json counts them.
+    max_prompt_len: int = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +221,7 @@ def _section(cls, values: dict, name: str):
 RANGES: dict[str, tuple[float, float]] = {
     "data.validation_fraction": (0.0, 0.9),
     "data.seq_len": (16, 1 << 20),
+    "data.max_prompt_len": (16, 1 << 20),
     "data.batch_size": (1, 1 << 16),
     "lora.rank": (1, 4096),
     "lora.alpha": (1e-6, 1e6),
@@ -295,11 +299,6 @@ def _check_together(cfg: RunConfig) -> None:
     if not cfg.task.kind and not cfg.data.task:
         raise ConfigError("no task: set data.task to a built-in task "
                           f"({', '.join(TASK_NAMES)}) or define one with task.kind")
-    if cfg.task.temperature:
-        # inference.predictions.generate takes only max_new_tokens in this build; refuse rather
-        # than decode greedily in silence. (Goes when generate takes the SamplingConfig.)
-        raise ConfigError(f"task.temperature = {cfg.task.temperature}: sampled decoding is not "
-                          "available in this build, only greedy (task.temperature = 0)")
     if not cfg.model.checkpoint and not cfg.model.preset:
         raise ConfigError("model.checkpoint is empty: set it, or set model.preset to start from "
                           "random weights")

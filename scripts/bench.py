@@ -3,25 +3,34 @@
     python scripts/bench.py --out bench.json               # the full run (on a quiet machine)
     python scripts/bench.py --quick --out /tmp/quick.json  # a few small steps of every part
 
-Everything uses the real Gemma 3 270M (the packaged GGUF), f32, on the CPU, offline, with
+Everything uses the real Gemma 3 270M (the packaged GGUF) on the CPU, offline, with
 --threads (default 2) threads for torch and BLAS; XLA uses every core.
 Parts (--parts, comma-separated; default all of them):
   train   one LoRA train step (q, k, v, o, rank 8, alpha 16, AdamW, clip 1.0) on the same batch
           (random token ids, the loss on the last --targets tokens of each row):
-            ours     kaggle_pipeline's jitted Trainer step, with the XLA flag it sets on import
-            hf       transformers + peft the way a HF user writes it: full logits, labels -100
-            hf-keep  the same, logits only where the loss is (`logits_to_keep`)
+            ours-f32   kaggle_pipeline's jitted Trainer step, f32 compute
+            ours-bf16  the same with model.dtype = bfloat16
+            ours-auto  the precision model.dtype = "auto" picks on this CPU (needs the
+                       precision policy's model.config.resolve_dtype)
+            hf         transformers + peft the way a HF user writes it: full logits, labels -100
+            hf-keep    the same, logits only where the loss is (`logits_to_keep`)
+            hf-amp     hf-keep under torch.autocast("cpu", bfloat16)
             gemma    DeepMind's gemma (.venv-ref): gm.nn.LoRA's wrappers on the attention
                      einsums (its kv einsum shares one A for k and v; no alpha scaling), optax
                      adamw, full logits then masked cross-entropy, jitted
-          tokens/s; MFU = model FLOP/s (see flops_per_step) / the best f32 matmul rate this run
-          measures with jax (our flag), numpy and torch; peak RSS; step-1 losses, which must
-          agree (same weights, LoRA B = 0)
+          tokens/s; MFU = model FLOP/s (see flops_per_step) / the best matmul rate this run
+          measures with jax, numpy and torch in the variant's precision (bf16 for ours-bf16 and
+          hf-amp); peak RSS; step-1 losses, which must agree (same weights, LoRA B = 0)
   keras   the review job as the Keras tutorials run it (every review padded to 512 tokens, batch
           1, 5 epochs, logits at all 512 positions; the loss mask is the job's), emulated with our
           model, vs the default job of run_config (packing, logits only at loss positions): a
           few steps timed and extrapolated; --full-job also runs the real default train phase
-  decode  greedy decoding, no stop token: our Sampler vs transformers' generate, same prompts
+  peak    matmul GFLOP/s of numpy, torch and jax at --matmul-sizes, f32 and bf16 (bf16 operands,
+          f32 accumulation); run by `train` too, for MFU
+  decode  greedy decoding, no stop token, at batch 1, 8 and 32 (--decode-batches): our Sampler
+          (--decode-impls ours-f32, ours-bf16, ours-auto) vs transformers' generate on the same
+          prompts; ours-f32 and hf must give identical tokens (exit 1 if not); decode tok/s
+          leaves the prefill out
   load    peak RSS while loading the GGUF, HF safetensors and Orbax checkpoints, over the RSS
           after imports, divided by the bytes of the loaded f32 params
 
@@ -51,9 +60,13 @@ import numpy as np
 
 PROJECT = Path(__file__).resolve().parent.parent
 REFERENCE_VENV = Path(os.environ.get("REFERENCE_VENV", PROJECT / ".venv-ref"))
-PARTS = ("train", "keras", "decode", "load")
-TRAIN_VARIANTS = ("ours", "hf", "hf-keep", "gemma")
-EXTRA_TRAIN_VARIANTS = ("ours-ynn", "gemma-ynn", "gemma-all")
+PARTS = ("peak", "train", "keras", "decode", "load")
+TRAIN_VARIANTS = ("ours-f32", "ours-bf16", "hf", "hf-keep", "hf-amp", "gemma")
+# ours-auto: the precision `model.dtype = "auto"` picks for this CPU (see resolve_dtype).
+EXTRA_TRAIN_VARIANTS = ("ours-auto", "ours-ynn", "gemma-ynn", "gemma-all")
+DECODE_IMPLS = ("ours-f32", "hf")  # also: ours-bf16, ours-auto
+# CPU features that decide whether bf16 matmuls can beat f32 (AMX tiles, AVX-512 bf16 dots).
+CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma")
 LOAD_FORMATS = ("gguf", "hf-float32", "hf-bfloat16", "orbax-float32", "orbax-bfloat16")
 PREP_VERSION = 1  # bump when what `prep` writes changes
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"  # XLA's YNNPACK fusions (opt-in)
@@ -70,9 +83,9 @@ class Settings:
     steps: int = 10  # timed steps
     keras_warmup: int = 1  # untimed steps after compiling
     keras_steps: int = 8
-    prompts: int = 4
-    new_tokens: int = 64
+    new_tokens: int = 32
     decode_runs: int = 3
+    decode_batches: tuple[int, ...] = (1, 8, 32)
     matmul_sizes: tuple[int, ...] = (2048, 4096)
     matmul_reps: int = 5
     threads: int = 2
@@ -80,7 +93,8 @@ class Settings:
 
 
 QUICK = Settings(batch=1, seq_len=128, targets=8, warmup=1, steps=2, keras_warmup=0,
-                 keras_steps=1, prompts=2, new_tokens=16, decode_runs=1, matmul_sizes=(2048,),
+                 keras_steps=1, new_tokens=8, decode_runs=1, decode_batches=(1, 4),
+                 matmul_sizes=(2048,),
                  matmul_reps=2,
                  load_formats=("gguf", "hf-float32", "orbax-float32"))
 
@@ -122,6 +136,22 @@ def model_config(fields: dict):
 
     return ModelConfig(**{**fields, "attention_kinds": tuple(
         AttentionKind(k) for k in fields["attention_kinds"])})
+
+
+def resolve_dtype(name: str):
+    """A compute dtype from a variant's suffix: f32, bf16, or auto (what `model.dtype = "auto"`
+    chooses on this machine, once the precision policy provides
+    `kaggle_pipeline.model.config.resolve_dtype`)."""
+    import jax.numpy as jnp
+
+    if name == "auto":
+        from kaggle_pipeline.model import config
+
+        if not hasattr(config, "resolve_dtype"):
+            raise SystemExit("ours-auto needs model.dtype = \"auto\" "
+                             "(kaggle_pipeline.model.config.resolve_dtype), not in this checkout")
+        return jnp.dtype(config.resolve_dtype("auto"))
+    return jnp.dtype({"f32": "float32", "bf16": "bfloat16"}.get(name, name))
 
 
 def load_params(work: Path) -> tuple[object, dict]:
@@ -220,14 +250,19 @@ def worker_prep(spec: dict) -> dict:
 
 
 def worker_peak(spec: dict) -> dict:
-    """Best f32 matmul GFLOP/s of one library at each size."""
-    lib, threads = spec["lib"], spec["threads"]
+    """Best matmul GFLOP/s of one library at each size, in f32 or in bf16 (bf16 operands, f32
+    accumulation: torch's CPU bf16 matmul accumulates in f32; jax asks for it with
+    preferred_element_type). numpy has no bf16 matmul: its bf16 entry is left out."""
+    lib, threads, dtype = spec["lib"], spec["threads"], spec.get("dtype", "f32")
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict = {"dtype": dtype}
     for n in spec["sizes"]:
         a = rng.standard_normal((n, n), np.float32)
         b = rng.standard_normal((n, n), np.float32)
         if lib == "numpy":
+            if dtype != "f32":
+                return {"dtype": dtype, "skipped": "numpy has no bf16 matmul"}
+
             def matmul(a=a, b=b):
                 return a @ b
         elif lib == "torch":
@@ -235,6 +270,8 @@ def worker_peak(spec: dict) -> dict:
 
             torch.set_num_threads(threads)
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            if dtype == "bf16":
+                ta, tb = ta.bfloat16(), tb.bfloat16()
 
             def matmul(ta=ta, tb=tb):
                 return torch.mm(ta, tb)
@@ -242,17 +279,17 @@ def worker_peak(spec: dict) -> dict:
             import jax
             import jax.numpy as jnp
 
-            import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
-
             ja, jb = jnp.asarray(a), jnp.asarray(b)
-            dot = jax.jit(jnp.dot)
+            if dtype == "bf16":
+                ja, jb = ja.astype(jnp.bfloat16), jb.astype(jnp.bfloat16)
+            dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
 
             def matmul(ja=ja, jb=jb, dot=dot):
                 return dot(ja, jb).block_until_ready()
         matmul()  # warm-up (and compile)
         best = min(timed_steps(matmul, 0, spec["reps"])["step_times_s"])
         out[str(n)] = 2 * n**3 / best / 1e9
-    out["best_gflops"] = max(out.values())
+    out["best_gflops"] = max(v for k, v in out.items() if k.isdigit())
     if lib == "jax":
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     return out
@@ -274,7 +311,8 @@ def worker_train_ours(spec: dict) -> dict:
     lora = LoraConfig(rank=spec["rank"], alpha=spec["alpha"], targets=("q", "k", "v", "o"))
     optim = OptimConfig(learning_rate=LEARNING_RATE, schedule="constant", weight_decay=0.0,
                         clip_norm=CLIP_NORM)
-    model = Transformer(config, dtype="float32", lora_scale=lora.scale, deterministic=False)
+    dtype = resolve_dtype(spec.get("dtype", "f32"))
+    model = Transformer(config, dtype=dtype, lora_scale=lora.scale, deterministic=False)
     trainer = Trainer(model, make_optimizer(optim, 1000), make_mesh(), "lora")
     state = trainer.init_state(init_lora(config, lora, jax.random.key(0)))
     frozen = jax.device_put(params, trainer.frozen_shardings(params))
@@ -292,7 +330,7 @@ def worker_train_ours(spec: dict) -> dict:
     return {**timing, "compile_s": compile_s,
             "framework": f"kaggle_pipeline (jax {jax.__version__})",
             "first_loss": timing["values"][0], "lora_params": count_params(state["trainable"]),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": str(dtype),
             "train_peak_rss_mb": rss_mb("VmHWM") if reset_ok else None}
 
 
@@ -324,8 +362,10 @@ def worker_train_hf(spec: dict) -> dict:
             return model(input_ids=tokens, attention_mask=attention_mask, labels=labels,
                          use_cache=False).loss
         # Logits only at the k + 1 last positions; position i predicts token i + 1.
-        logits = model(input_ids=tokens, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=k + 1).logits[:, :-1]
+        # "amp": the same under bf16 autocast (bf16 matmuls, f32 weights and optimizer).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["variant"] == "amp"):
+            logits = model(input_ids=tokens, attention_mask=attention_mask, use_cache=False,
+                           logits_to_keep=k + 1).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  tokens[:, -k:].reshape(-1))
 
@@ -454,27 +494,45 @@ def worker_keras(spec: dict) -> dict:
             "jax": jax.__version__}
 
 
+def decode_timings(generate, new_tokens: int, runs: int) -> dict:
+    """Times generate(n) (which returns the new tokens per prompt) for n = new_tokens and n = 1
+    (the prompt's forward pass plus one token), alternating, after one untimed call of each:
+    decode time = t(n) - t(1), without the prefill."""
+    tokens = generate(new_tokens)
+    generate(1)
+    full, prefill = [], []
+    for _ in range(runs):
+        for n, times in ((new_tokens, full), (1, prefill)):
+            start = time.perf_counter()
+            generate(n)
+            times.append(time.perf_counter() - start)
+    step_s, prefill_s = statistics.median(full), statistics.median(prefill)
+    return {"step_s": step_s, "step_times_s": full, "prefill_s": prefill_s,
+            "decode_s": max(step_s - prefill_s, 1e-9), "tokens": tokens}
+
+
 def worker_decode_ours(spec: dict) -> dict:
     import jax
+    import jax.numpy as jnp
 
-    import kaggle_pipeline  # noqa: F401  (sets the XLA flag)
     from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
     from kaggle_pipeline.model import Transformer
 
     config, params = load_params(Path(spec["work"]))
-    prompts = spec["prompts"]
-    variables = {"params": jax.device_put(params)}
+    dtype = resolve_dtype(spec["dtype"])
+    variables = {"params": jax.device_put(jax.tree.map(jnp.asarray, params))}
     del params
-    # No stop token fires (-1 is no token id), so every prompt gets exactly new_tokens tokens.
-    sampler = Sampler(Transformer(config, dtype="float32"), stop_ids=(-1,))
-    sampling = SamplingConfig(max_new_tokens=spec["new_tokens"])
-    outputs = []
+    # No stop token fires (-1 is no token id), so every prompt gets exactly n new tokens.
+    sampler = Sampler(Transformer(config, dtype=dtype), stop_ids=(-1,))
+    start = time.perf_counter()
+    sampler.generate(variables, spec["prompts"], SamplingConfig(max_new_tokens=1))
+    first_call_s = time.perf_counter() - start
 
-    def run():
-        outputs.append(sampler.generate(variables, prompts, sampling))
+    def generate(n: int) -> list[list[int]]:
+        return sampler.generate(variables, spec["prompts"], SamplingConfig(max_new_tokens=n))
 
-    timing = timed_steps(run, 1, spec["runs"])
-    return {**timing, "values": None, "tokens": outputs[-1],
+    timing = decode_timings(generate, spec["new_tokens"], spec["runs"])
+    return {**timing, "first_call_s": first_call_s, "dtype": str(dtype),
             "framework": f"kaggle_pipeline Sampler (jax {jax.__version__})",
             "peak_rss_mb": max_rss_mb()}
 
@@ -494,20 +552,22 @@ def worker_decode_hf(spec: dict) -> dict:
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention_mask[i, width - len(p):] = 1
-    # No eos: every prompt gets exactly new_tokens tokens, like ours.
-    generation = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
-        eos_token_id=None, pad_token_id=0, bos_token_id=2)
-    outputs = []
 
-    def run():
+    def generate(n: int) -> list[list[int]]:
+        # No eos: every prompt gets exactly n new tokens, like ours.
+        config = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+            pad_token_id=0, bos_token_id=2)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                 generation_config=generation)
-        outputs.append(out[:, width:].tolist())
+                                 generation_config=config)
+        return out[:, width:].tolist()
 
-    timing = timed_steps(run, 1, spec["runs"])
-    return {**timing, "values": None, "tokens": outputs[-1],
+    start = time.perf_counter()
+    generate(1)
+    first_call_s = time.perf_counter() - start
+    timing = decode_timings(generate, spec["new_tokens"], spec["runs"])
+    return {**timing, "first_call_s": first_call_s, "dtype": "float32",
             "framework": f"transformers {transformers.__version__} generate "
                          f"(torch {torch.__version__})",
             "attention": model.config._attn_implementation, "peak_rss_mb": max_rss_mb()}
@@ -683,31 +743,28 @@ def part_train(runner: Runner, meta: dict, s: Settings, variants: list[str],
     with open(batch_path, "wb") as f:
         np.savez(f, tokens=tokens, targets=targets)
 
-    peak = {}
-    for lib in ("numpy", "torch", "jax"):
-        log(f"peak f32 matmul rate: {lib}")
-        peak[lib] = runner.run("peak", {"lib": lib, "sizes": list(s.matmul_sizes),
-                                        "reps": s.matmul_reps})
-    best = max((r["best_gflops"] for r in peak.values() if "best_gflops" in r), default=None)
-    results["peak"] = {"libraries": peak, "best_gflops": best}
+    peaks = results.get("peak") or part_peak(runner, s, results)
 
     common = {"batch": str(batch_path), "rank": 8, "alpha": 16.0, "targets": s.targets,
               "warmup": s.warmup, "steps": s.steps}
     lora_params = lora_param_count(config, 8)
     model_flops = flops_per_step(config, s.batch, s.seq_len, lora_params, s.batch * s.targets)
-    logits_at = {"ours": s.batch * s.targets, "ours-ynn": s.batch * s.targets,
-                 "hf": s.batch * s.seq_len, "hf-keep": s.batch * (s.targets + 1)}
+    ours_logits = s.batch * s.targets
+    logits_at = {"ours-f32": ours_logits, "ours-bf16": ours_logits, "ours-auto": ours_logits,
+                 "ours-ynn": ours_logits, "hf": s.batch * s.seq_len,
+                 "hf-keep": s.batch * (s.targets + 1), "hf-amp": s.batch * (s.targets + 1)}
     out = {"batch": s.batch, "seq_len": s.seq_len, "loss_positions_per_row": s.targets,
            "model_flops_per_step": model_flops,
            "flops_formula": flops_per_step.__doc__.strip(), "variants": {}}
     for variant in variants:
         log(f"train step: {variant}")
-        if variant in ("ours", "ours-ynn"):
+        if variant.startswith("ours"):
             flags = YNN_FLAG if variant == "ours-ynn" else None
-            r = runner.run("train-ours", common, xla_flags=flags)
-        elif variant in ("hf", "hf-keep"):
-            r = runner.run("train-hf", {**common, "variant": "full" if variant == "hf"
-                                        else "keep"})
+            precision = variant.removeprefix("ours-") if variant != "ours-ynn" else "f32"
+            r = runner.run("train-ours", {**common, "dtype": precision}, xla_flags=flags)
+        elif variant.startswith("hf"):
+            r = runner.run("train-hf", {**common, "variant": {
+                "hf": "full", "hf-keep": "keep", "hf-amp": "amp"}[variant]})
         else:
             if not (REFERENCE_VENV / "bin" / "python").exists():
                 r = {"error": f"no reference env {REFERENCE_VENV}: run "
@@ -726,11 +783,32 @@ def part_train(runner: Runner, meta: dict, s: Settings, variants: list[str],
             r.update(tokens_per_s=tokens_per_s, model_gflops=model_flops / r["step_s"] / 1e9,
                      executed_gflops=executed / r["step_s"] / 1e9,
                      logit_positions_per_step=logits_at.get(variant, s.batch * s.seq_len))
+            # MFU against the peak of the precision the variant's matmuls run in.
+            precision = "bf16" if variant in ("ours-bf16", "hf-amp") or (
+                variant == "ours-auto" and "bfloat16" in r.get("dtype", "")) else "f32"
+            best = peaks["best_gflops"].get(precision)
             if best:
                 r.update(mfu=model_flops / r["step_s"] / 1e9 / best,
-                         hfu=executed / r["step_s"] / 1e9 / best)
+                         hfu=executed / r["step_s"] / 1e9 / best, mfu_peak=precision)
         out["variants"][variant] = r
     results["train"] = out
+
+
+def part_peak(runner: Runner, s: Settings, results: dict) -> dict:
+    """Matmul peaks of numpy, torch and jax in f32 and in bf16 (f32 accumulation)."""
+    out: dict = {"best_gflops": {}}
+    for precision in ("f32", "bf16"):
+        libraries = {}
+        for lib in ("numpy", "torch", "jax"):
+            log(f"peak {precision} matmul rate: {lib}")
+            libraries[lib] = runner.run("peak", {"lib": lib, "dtype": precision,
+                                                 "sizes": list(s.matmul_sizes),
+                                                 "reps": s.matmul_reps})
+        out[precision] = libraries
+        out["best_gflops"][precision] = max(
+            (r["best_gflops"] for r in libraries.values() if "best_gflops" in r), default=None)
+    results["peak"] = out
+    return out
 
 
 def part_keras(runner: Runner, meta: dict, s: Settings, overrides: list[str], full_job: bool,
@@ -761,31 +839,33 @@ def part_keras(runner: Runner, meta: dict, s: Settings, overrides: list[str], fu
     results["keras"] = out
 
 
-def part_decode(runner: Runner, meta: dict, s: Settings, results: dict) -> None:
-    prompts = meta["prompts"][: s.prompts]
-    spec = {"prompts": prompts, "new_tokens": s.new_tokens, "runs": s.decode_runs}
-    out = {"prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts],
-           "new_tokens": s.new_tokens}
-    for name in ("ours", "hf"):
-        log(f"decode: {name}")
-        r = runner.run(f"decode-{name}", spec)
-        if "error" not in r:
-            r["tokens_per_s"] = len(prompts) * s.new_tokens / r["step_s"]
-        out[name] = r
-        # Prefill alone: the same call with one new token is the prompt's forward pass plus
-        # a single sampled token.
-        log(f"prefill: {name}")
-        p = runner.run(f"decode-{name}", {**spec, "new_tokens": 1})
-        if "error" not in p:
-            p["tokens_per_s"] = sum(len(q) for q in prompts) / p["step_s"]
-        out[f"prefill-{name}"] = p
-    if "tokens" in out["ours"] and "tokens" in out["hf"]:
-        same = []
-        for a, b in zip(out["ours"]["tokens"], out["hf"]["tokens"], strict=True):
-            prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                          min(len(a), len(b)))
-            same.append(prefix)
-        out["same_greedy_prefix"] = same  # tokens until the two first disagree, per prompt
+def part_decode(runner: Runner, meta: dict, s: Settings, impls: list[str],
+                results: dict) -> None:
+    """Greedy decoding at each batch size: every implementation on the same prompts (the
+    review prompts, repeated to fill the batch), one after the other per batch size. `hf` and
+    `ours-f32` must produce identical tokens: `decode.identical_tokens.<batch>` says whether they
+    did, and the script exits with 1 when they did not."""
+    out: dict = {"new_tokens": s.new_tokens, "batches": list(s.decode_batches),
+                 "identical_tokens": {}, "prompt_lengths": {}}
+    for batch in s.decode_batches:
+        prompts = (meta["prompts"] * (1 + batch // len(meta["prompts"])))[:batch]
+        out["prompt_lengths"][str(batch)] = [len(p) for p in prompts]
+        for impl in impls:
+            log(f"decode: {impl} at batch {batch}")
+            spec = {"prompts": prompts, "new_tokens": s.new_tokens, "runs": s.decode_runs}
+            if impl == "hf":
+                r = runner.run("decode-hf", spec)
+            else:
+                r = runner.run("decode-ours", {**spec, "dtype": impl.removeprefix("ours-")})
+            if "error" not in r:
+                r["tokens_per_s"] = batch * s.new_tokens / r["step_s"]
+                r["decode_tokens_per_s"] = batch * (s.new_tokens - 1) / r["decode_s"]
+                r["prefill_tokens_per_s"] = sum(map(len, prompts)) / r["prefill_s"]
+            out.setdefault(impl, {})[str(batch)] = r
+        ours = out.get("ours-f32", {}).get(str(batch), {})
+        hf = out.get("hf", {}).get(str(batch), {})
+        if "tokens" in ours and "tokens" in hf:
+            out["identical_tokens"][str(batch)] = ours["tokens"] == hf["tokens"]
     results["decode"] = out
 
 
@@ -814,20 +894,27 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def report(results: dict) -> str:
-    lines = []
+    machine = results.get("machine", {})
+    flags = machine.get("cpu_flags", {})
+    lines = [f"CPU: {machine.get('cpu', '?')}, {machine.get('cpus')} cores; "
+             + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+             + f"; AMX: {'yes' if machine.get('amx') else 'no'}", ""]
     peak = results.get("peak")
     if peak:
-        libs = ", ".join(f"{lib} {_f(r.get('best_gflops'))}" if "best_gflops" in r else
-                         f"{lib} failed" for lib, r in peak["libraries"].items())
-        lines += [f"Peak f32 matmul GFLOP/s (best of sizes): {libs}; "
-                  f"MFU uses {_f(peak['best_gflops'])}", ""]
+        for precision in ("f32", "bf16"):
+            libs = ", ".join(
+                f"{lib} {_f(r.get('best_gflops'))}" if "best_gflops" in r else
+                f"{lib} {r.get('skipped') or 'failed'}" for lib, r in peak[precision].items())
+            lines.append(f"Peak {precision} matmul GFLOP/s (best of sizes"
+                         f"{', f32 accumulation' if precision == 'bf16' else ''}): {libs}")
+        lines += ["MFU of each variant against the best peak of its precision", ""]
     train = results.get("train")
     if train:
         lines.append(f"1. LoRA train step, Gemma 3 270M f32, batch {train['batch']} x "
                      f"{train['seq_len']} tokens, loss on the last "
                      f"{train['loss_positions_per_row']} of each row "
                      f"({train['model_flops_per_step'] / 1e9:.1f} model GFLOP/step)")
-        ours = train["variants"].get("ours", {}).get("step_s")
+        ours = train["variants"].get("ours-f32", {}).get("step_s")
         rows = []
         for name, r in train["variants"].items():
             if "error" in r:
@@ -840,7 +927,8 @@ def report(results: dict) -> str:
                          _f(r.get("train_peak_rss_mb"), ".0f"), _f(r["peak_rss_mb"], ".0f"),
                          _f(r["step_s"] / ours if ours else None, ".2f") + "x"])
         lines.append(table(["variant", "step s", "tok/s", "MFU", "HFU", "loss@1", "compile s",
-                            "1st step s", "train RSS MB", "peak RSS MB", "time/ours"], rows))
+                            "1st step s", "train RSS MB", "peak RSS MB", "time/ours-f32"],
+                           rows))
         first = [r["first_loss"] for r in train["variants"].values() if "first_loss" in r]
         if len(first) > 1:
             spread = (max(first) - min(first)) / abs(min(first))
@@ -887,27 +975,29 @@ def report(results: dict) -> str:
         lines.append("")
     decode = results.get("decode")
     if decode:
-        lines.append(f"3. Greedy decoding, {decode['prompts']} prompts (lengths "
-                     f"{decode['prompt_lengths']}), {decode['new_tokens']} new tokens each")
+        lines.append(f"3. Greedy decoding, {decode['new_tokens']} new tokens per prompt, no stop "
+                     "token; decode tok/s leaves the prefill out (t(n) - t(1))")
         rows = []
-        for name in ("ours", "hf"):
-            r = decode[name]
-            if "error" in r:
-                rows.append([name, "error: " + r["error"][:60], "", "", ""])
-                continue
-            rows.append([name, _f(r["step_s"], ".2f"), _f(r["tokens_per_s"], ".1f"),
-                         _f(r["first_step_s"], ".1f"), _f(r["peak_rss_mb"], ".0f")])
-        lines.append(table(["", "s per batch", "tok/s", "1st call s", "peak RSS MB"], rows))
-        if "tokens_per_s" in decode["ours"] and "tokens_per_s" in decode["hf"]:
-            speedup = decode["ours"]["tokens_per_s"] / decode["hf"]["tokens_per_s"]
-            lines.append(f"   ours/hf tokens/s {speedup:.2f}x; identical greedy tokens before "
-                         f"the first disagreement: {decode.get('same_greedy_prefix')}")
-        ours_p, hf_p = decode.get("prefill-ours", {}), decode.get("prefill-hf", {})
-        if "tokens_per_s" in ours_p and "tokens_per_s" in hf_p:
-            lines.append(f"   prefill (prompt forward + 1 token): ours {ours_p['step_s']:.2f} s "
-                         f"({ours_p['tokens_per_s']:.0f} prompt tok/s), hf {hf_p['step_s']:.2f} s "
-                         f"({hf_p['tokens_per_s']:.0f} prompt tok/s), ours/hf "
-                         f"{ours_p['tokens_per_s'] / hf_p['tokens_per_s']:.2f}x")
+        impls = [k for k in decode if k.startswith("ours") or k == "hf"]
+        for batch in decode["batches"]:
+            hf = decode.get("hf", {}).get(str(batch), {})
+            for impl in impls:
+                r = decode[impl].get(str(batch))
+                if not r:
+                    continue
+                if "error" in r:
+                    rows.append([str(batch), impl, "error: " + r["error"][:60], "", "", "", ""])
+                    continue
+                ratio = (r["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+                         if "decode_tokens_per_s" in hf else None)
+                rows.append([str(batch), impl, _f(r["decode_tokens_per_s"], ".1f"),
+                             _f(r["tokens_per_s"], ".1f"), _f(r["prefill_s"], ".2f"),
+                             _f(r["first_call_s"], ".1f"), _f(ratio, ".2f") + "x"])
+        lines.append(table(["batch", "impl", "decode tok/s", "tok/s with prefill", "prefill s",
+                            "1st call s", "decode vs hf"], rows))
+        same = decode.get("identical_tokens", {})
+        lines.append(f"   identical greedy tokens, ours-f32 vs hf, per batch: {same}"
+                     + ("" if all(same.values()) else "  <-- NOT IDENTICAL"))
         lines.append("")
     load = results.get("load")
     if load:
@@ -927,13 +1017,17 @@ def report(results: dict) -> str:
 
 
 def machine_info() -> dict:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    info: dict = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                  "python": platform.python_version()}
     try:
+        present: set[str] = set()
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and "cpu" not in info:
                 info["cpu"] = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not present:
+                present = set(line.split(":", 1)[1].split())
+        info["cpu_flags"] = {flag: flag in present for flag in CPU_FLAGS}
+        info["amx"] = "amx_bf16" in present and "amx_tile" in present
         info["load_average"] = os.getloadavg()
     except OSError:
         pass
@@ -952,6 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"from {', '.join(TRAIN_VARIANTS + EXTRA_TRAIN_VARIANTS)} "
                              "(ours-ynn, gemma-ynn: with XLA's YNNPACK fusions; "
                              "gemma-all: plain gm.nn.LoRA on every einsum)")
+    parser.add_argument("--decode-impls", default=",".join(DECODE_IMPLS),
+                        help="decode part: from hf, ours-f32, ours-bf16, ours-auto")
+    parser.add_argument("--decode-batches", default=None,
+                        help="decode part: comma-separated batch sizes (default 1,8,32)")
     parser.add_argument("--full-job", action="store_true",
                         help="keras part: also run the whole default train phase")
     parser.add_argument("--job-override", action="append", default=[],
@@ -978,6 +1076,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **{
         f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
         if getattr(args, f.name, None) is not None})
+    if args.decode_batches:
+        settings = dataclasses.replace(settings, decode_batches=tuple(
+            int(b) for b in args.decode_batches.split(",") if b.strip()))
+    impls = [i.strip() for i in args.decode_impls.split(",") if i.strip()]
+    unknown = set(impls) - {"hf", "ours-f32", "ours-bf16", "ours-auto"}
+    if unknown:
+        parser.error(f"unknown decode impl(s) {sorted(unknown)}")
     if not 0 < settings.targets < settings.seq_len:
         parser.error("--targets must be between 1 and --seq-len - 1")
 
@@ -993,12 +1098,14 @@ def main(argv: list[str] | None = None) -> int:
                      "quick": args.quick, "parts": parts, "gguf": str(gguf)}
     try:
         meta = prepare(runner, gguf, parts, settings.load_formats)
+        if "peak" in parts:
+            part_peak(runner, settings, results)
         if "train" in parts:
             part_train(runner, meta, settings, variants, results)
         if "keras" in parts:
             part_keras(runner, meta, settings, args.job_override, args.full_job, gguf, results)
         if "decode" in parts:
-            part_decode(runner, meta, settings, results)
+            part_decode(runner, meta, settings, impls, results)
         if "load" in parts:
             part_load(runner, gguf, settings.load_formats, results)
     finally:
@@ -1010,6 +1117,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results))
     print(f"\n{'quick check, not a measurement; ' if args.quick else ''}"
           f"{results['seconds']:.0f} s; results in {args.out}")
+    same = results.get("decode", {}).get("identical_tokens", {})
+    if not all(same.values()):
+        print("error: ours-f32 and transformers generate gave different greedy tokens",
+              file=sys.stderr)
+        return 1
     return 0
 
 

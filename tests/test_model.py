@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, sample_token
+from kaggle_pipeline.inference.sampler import (
+    Sampler,
+    SamplingConfig,
+    argmax_vocab_major,
+    sample_token,
+)
 from kaggle_pipeline.model import Transformer, abstract_params, init_cache, init_params
 from kaggle_pipeline.model.config import PRESETS, tiny_config
 
@@ -77,6 +82,18 @@ def test_top_k_and_top_p_restrict_the_support():
     assert draw(SamplingConfig(temperature=1.0, top_p=0.7)) == {0, 1}
     assert draw(SamplingConfig(temperature=1.0)) == {0, 1, 2, 3}
     assert draw(SamplingConfig(temperature=0.0)) == {0}
+
+
+@pytest.mark.parametrize("vocab", [262_144, 256_128, 1000])
+def test_blocked_argmax_equals_argmax_with_its_tie_breaking(vocab):
+    # Gemma 3's vocabulary splits into blocks of 512, Gemma 2's into blocks of 128, 1000 of 8.
+    rng = np.random.default_rng(vocab)
+    logits = rng.integers(-50, 50, (vocab, 6)).astype(np.float32)  # many ties
+    logits[[3, vocab - 1], 0] = 60.0  # the same maximum in the first and the last block
+    logits[[vocab - 1, vocab // 2], 1] = 60.0
+    got = np.asarray(argmax_vocab_major(jnp.asarray(logits)))
+    assert got.tolist() == np.argmax(logits, axis=0).tolist()
+    assert got[0] == 3 and got[1] == vocab // 2
 
 
 @pytest.mark.parametrize("name,billions", [("gemma2-2b", 2.61), ("gemma2-9b", 9.24),

@@ -22,9 +22,11 @@ from kaggle_pipeline.data.chat_template import Turn, encode_conversation, encode
 from kaggle_pipeline.data.tasks import Example, build_examples, get_task, load_records
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import metrics, validation
-from kaggle_pipeline.inference import predictions
+from kaggle_pipeline.inference import label_scoring, predictions
+from kaggle_pipeline.inference import sampler as sampler_module
 from kaggle_pipeline.inference.label_scoring import score_labels
-from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
+from kaggle_pipeline.inference.prompts import truncate_middle
+from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, generate_many
 from kaggle_pipeline.model import Transformer, abstract_params
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.run_config import PROJECT_DIR, load_config
@@ -109,7 +111,8 @@ def direct_label_logprobs(model, variables, tokenizer, prompt, word) -> list[flo
 def test_multi_token_label_scores_sum_all_their_tokens(model, variables, tokenizer):
     words = ["아주 맛있는 식당이에요", "별로", "그저 그런 편이었습니다"]
     prompts = prompts_of(REVIEWS[:3])
-    scores = score_labels(model, variables, tokenizer, prompts, words, seq_len=128, batch_size=4)
+    scores = score_labels(model, variables, tokenizer, prompts, words, seq_len=128,
+                          batch_size=4).scores
     lengths = set()
     for i, prompt in enumerate(prompts):
         for j, word in enumerate(words):
@@ -125,11 +128,11 @@ def test_batching_and_packing_order_do_not_change_scores(model, variables, token
     words = ["긍정", "부정", "잘 모르겠음"]
     prompts = prompts_of(REVIEWS)
     one_per_batch = score_labels(model, variables, tokenizer, prompts, words, seq_len=32,
-                                 batch_size=1)
+                                 batch_size=1).scores
     packed = score_labels(model, variables, tokenizer, prompts, words, seq_len=128,
-                          batch_size=4)
+                          batch_size=4).scores
     reversed_order = score_labels(model, variables, tokenizer, prompts[::-1], words,
-                                  seq_len=128, batch_size=4)[::-1]
+                                  seq_len=128, batch_size=4).scores[::-1]
     assert np.abs(one_per_batch - packed).max() <= 1e-5
     assert np.abs(one_per_batch - reversed_order).max() <= 1e-5
     assert len(set(np.round(one_per_batch.ravel(), 3))) > 6  # real, distinct scores
@@ -145,7 +148,7 @@ def test_classification_prediction_is_always_a_valid_label(model, variables, tok
         examples = build_examples(task, frame, with_answers=False)
         scores = predictions.classify(model, variables, tokenizer, task, examples,
                                       seq_len=cfg.data.seq_len,
-                                      batch_size=cfg.data.batch_size * 2)
+                                      batch_size=cfg.data.batch_size * 2).scores
         labels = list(task.label_map)
         assert scores.shape == (len(examples), len(labels)) and np.isfinite(scores).all()
         decided = predictions.decide(scores, labels)
@@ -157,6 +160,89 @@ def test_classification_prediction_is_always_a_valid_label(model, variables, tok
             assert predictions.decide(scores, labels, margins.min() - 1) == [1] * len(examples)
         else:
             assert decided == [labels[i] for i in scores.argmax(axis=1)]
+
+
+def test_truncate_middle_keeps_the_start_and_the_end():
+    ids = list(range(1000))
+    assert truncate_middle(ids, 1000) == ids
+    cut = truncate_middle(ids, 100)
+    assert len(cut) == 100 and cut[:25] == ids[:25] and cut[25:] == ids[-75:]
+    assert truncate_middle(ids, 400)[:32] == ids[:32]  # at most HEAD_TOKENS from the start
+
+
+def test_one_long_test_review_is_cut_and_scored_without_padding_the_others(
+        model, variables, tokenizer, monkeypatch):
+    # Issue 12: one 10,000-character review (6,001 tokens) padded every row to its length and
+    # was OOM-killed. Now it loses its middle (data.max_prompt_len), it is counted, and the
+    # other rows are scored in their own short bucket exactly as without it.
+    words = ["긍정", "부정"]
+    long_review = ("음식이 정말 맛있고 직원분들도 친절했어요. " * 500)[:10_000]
+    prompts = prompts_of([REVIEWS[0], long_review, REVIEWS[1]])
+    assert len(encode_prompt(tokenizer, prompts[1])) > 2000
+    shapes = []
+    compiled = label_scoring._compiled_logprobs
+
+    def recording(model):
+        fn = compiled(model)
+
+        def call(variables, inputs):
+            shapes.append(inputs["tokens"].shape)
+            return fn(variables, inputs)
+        return call
+
+    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    result = score_labels(model, variables, tokenizer, prompts, words, seq_len=32, batch_size=4,
+                          max_prompt_len=96)
+    assert result.truncated == 1
+    # Batches hold at most batch_size x seq_len tokens, and no row is longer than the cut prompt
+    # plus its answer (rounded up to 64).
+    assert max(b * t for b, t in shapes) <= 4 * 32 and max(t for _, t in shapes) <= 128
+    short = score_labels(model, variables, tokenizer, [prompts[0], prompts[2]], words,
+                         seq_len=32, batch_size=4, max_prompt_len=96)
+    assert short.truncated == 0
+    np.testing.assert_allclose(result.scores[[0, 2]], short.scores, atol=1e-5)
+    # The long row is scored as its cut sequence: the first 24 prompt tokens, then the last 72.
+    for j, word in enumerate(words):
+        ids, targets = label_scoring.encode_with_answer(tokenizer, prompts[1], word, "chat",
+                                                        label_only=True)
+        first = int(np.argmax(targets))
+        kept = ids[:24].tolist() + ids[first - 72:].tolist()
+        at = [96 + k - 1 for k in range(int(targets.sum()))]
+        logp = jax.nn.log_softmax(full_logits(model, variables, kept, at), axis=-1)
+        expected = sum(float(logp[k, kept[96 + k]]) for k in range(len(at)))
+        assert result.scores[1, j] == pytest.approx(expected, abs=2e-4)
+
+
+def test_a_long_generation_prompt_loses_its_middle_and_is_counted(model, variables, tokenizer):
+    prompts = [encode_prompt(tokenizer, p).tolist()
+               for p in prompts_of([REVIEWS[0], REVIEWS[2] * 40])]
+    assert len(prompts[1]) > 200
+    sampler = Sampler(model, stop_ids=[tokenizer.end_of_turn_id, tokenizer.eos_id])
+    sampling = SamplingConfig(max_new_tokens=5)
+    got = generate_many(sampler, variables, prompts, sampling, max_prompt_len=64)
+    assert got.truncated == 1
+    assert got.tokens == sampler.generate(variables, [prompts[0], truncate_middle(prompts[1], 64)],
+                                          sampling)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scoring_and_generation_run_in_the_models_precision(variables, tokenizer, dtype):
+    model = Transformer(CONFIG, dtype=dtype)
+    prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts_of(REVIEWS[:2])]
+    sampler = Sampler(model, stop_ids=[tokenizer.end_of_turn_id, tokenizer.eos_id])
+    got = sampler.generate(variables, prompts, SamplingConfig(max_new_tokens=5))
+    # The cache holds keys and values in the compute dtype; greedy tokens equal a full forward
+    # pass in that dtype at every step.
+    assert got == [greedy_full_forward(model, variables, p, 5) for p in prompts]
+    words = ["긍정", "부정"]
+    scores = score_labels(model, variables, tokenizer, prompts_of(REVIEWS[:2]), words,
+                          seq_len=128, batch_size=4).scores
+    reference = score_labels(Transformer(CONFIG), variables, tokenizer, prompts_of(REVIEWS[:2]),
+                             words, seq_len=128, batch_size=4).scores
+    # bf16 keeps 8 significant bits: scores of size ~30 agree to 2^-7 of their size (measured:
+    # 0.09 of 34, a third of the bound).
+    tolerance = 1e-5 if dtype == "float32" else 2**-7 * np.abs(reference).max()
+    assert np.abs(scores - reference).max() <= tolerance
 
 
 # ----------------------------------------------------------------------------- generation
@@ -196,6 +282,32 @@ def test_sampler_equals_a_greedy_full_forward_loop(model, variables, tokenizer):
         assert got_seq == (seq[:seq.index(stop)] if stop in seq else seq)
 
 
+def test_finished_rows_leave_the_batch_and_the_rest_decode_unchanged(model, variables,
+                                                                     tokenizer, monkeypatch):
+    # One long answer must not keep a batch of finished rows computing: every chunk_steps steps
+    # the rows still going move to a smaller batch (their cache rows gathered), and their
+    # tokens stay those of the greedy full-forward loop.
+    prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts_of(REVIEWS)]
+    steps = 9
+    expected = [greedy_full_forward(model, variables, p, steps) for p in prompts]
+    # Stop tokens that end the first three rows early, none of which the last row produces.
+    stops = {seq[k] for seq, k in zip(expected[:3], (1, 2, 3), strict=True)}
+    assert not stops & set(expected[3])
+    sizes = []
+    take = sampler_module._take_rows
+
+    def recording(state, rows):
+        sizes.append(len(rows))
+        return take(state, rows)
+
+    monkeypatch.setattr(sampler_module, "_take_rows", recording)
+    sampler = Sampler(model, stop_ids=sorted(stops), chunk_steps=2)
+    got = sampler.generate(variables, prompts, SamplingConfig(max_new_tokens=steps))
+    cut = [next((seq[:k] for k, t in enumerate(seq) if t in stops), seq) for seq in expected]
+    assert got == cut
+    assert sizes and sizes[-1] == 1  # the batch shrank to the one row still going
+
+
 def translation_config(tmp_path, test: Path | str, task="aihub-parallel", *extra):
     return load_config(None, [f"data.task={task}", f"data.test={test}", "data.batch_size=2",
                               f"output.dir={tmp_path / 'runs'}", "output.name=t",
@@ -220,7 +332,8 @@ def test_dolly_submission_reads_the_file_pair(model, variables, tokenizer, tmp_p
     # The Dolly reader takes the (English, Korean) pair; ids are <record>-<field>. The answers
     # are canned (decoding is tested above): each one names its prompt.
     monkeypatch.setattr(predict, "generate", lambda model, variables, tokenizer, spec,
-                        examples, **kw: [f"번역 {e.prompt[0].text[-12:]}" for e in examples])
+                        examples, **kw: predictions.Answers(
+                            [f"번역 {e.prompt[0].text[-12:]}" for e in examples], 0))
     pair = f"{FIXTURES / 'dolly_en.jsonl'},{FIXTURES / 'dolly_ko.jsonl'}"
     cfg = translation_config(tmp_path, pair, "dolly-en-ko")
     spec = run_setup.task_spec(cfg)
@@ -239,7 +352,7 @@ def test_generation_answers_follow_the_examples_order(model, variables, tokenize
     spec = get_task("aihub-parallel")
     examples = [Example(str(i), [Turn("user", text)]) for i, text in enumerate(REVIEWS)]
     batched = predictions.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6,
-                               batch_size=2)
+                                   max_batch=2).texts
     for example, text in zip(examples, batched, strict=True):
         prompt = encode_prompt(tokenizer, example.prompt).tolist()
         ids = greedy_full_forward(model, variables, prompt, 6,
@@ -261,7 +374,7 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
     assert written["reference"].to_list() == frame["en"].to_list()[:2]
     hyps = written["prediction"].fill_null("").to_list()
     assert hyps == predictions.generate(model, variables, tokenizer, spec, examples[:2],
-                                    max_new_tokens=6, batch_size=2)
+                                        max_new_tokens=6).texts
     expected = metrics.generation_scores(hyps, written["reference"].to_list(),
                                          expected_script="latin")
     for key, value in expected.items():

@@ -49,7 +49,7 @@ class Attention(nn.Module):
                  ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         """x [B, T, D]; positions [B, T]; mask [B, T, T] (which earlier tokens each may see).
 
-        With a cache: T > 1 is a prefill from an empty cache (right-padded prompts of `lengths`),
+        With a cache: T > 1 is a prefill from an empty cache (left-padded prompts of `lengths`),
         T == 1 is one decode step that attends over the cache. mask None: the queries run in
         chunks of `self.chunk` (attend.chunked), each chunk's mask made from `segment_ids`.
         """

@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         """tokens, positions, segment_ids: [B, T] -> (logits [B, T, V] or hidden [B, T, D], cache).
 
         `segment_ids` (0 = padding) keep packed examples from attending to each other.
-        With a cache, T > 1 is a prefill of right-padded prompts of `lengths`; T == 1 a decode step.
+        With a cache, T > 1 is a prefill of left-padded prompts of `lengths`; T == 1 a decode step.
         The cache is per layer (`init_cache`) whatever the params' layout.
         """
         table = self.input_embedding["input_embedding"]

@@ -26,12 +26,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from kaggle_pipeline import run_setup
 from kaggle_pipeline.cli import log, run_command
 from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.evaluation import validation
 from kaggle_pipeline.files import read_json_object, write_text_atomically
+from kaggle_pipeline.inference.label_scoring import LabelScores
 from kaggle_pipeline.inference.predictions import Answers, classify, decide, generate
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.run_config import RunConfig, load_config
@@ -40,10 +43,16 @@ from kaggle_pipeline.submission import write_task_submission
 SUMMARY_FILE = "summary.json"
 
 
-def classification_scores(model: Transformer, variables: dict, tokenizer: Tokenizer,
-                          spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig):
+def classification_scores(model: Transformer, variables: dict | list[dict],
+                          tokenizer: Tokenizer, spec: TaskSpec, examples: Sequence[Example],
+                          cfg: RunConfig) -> LabelScores:
     """Label scores ([n, num_labels], and how many prompts were cut) with the run's packing
-    sizes, on the run's mesh."""
+    sizes, on the run's mesh; for a list of variables (the models of a cross-validation) the
+    mean of their scores."""
+    if isinstance(variables, list):
+        each = [classification_scores(model, v, tokenizer, spec, examples, cfg)
+                for v in variables]
+        return LabelScores(np.mean([s.scores for s in each], axis=0), each[0].truncated)
     return classify(model, variables, tokenizer, spec, examples, seq_len=cfg.data.seq_len,
                     batch_size=cfg.data.batch_size * 2, max_prompt_len=cfg.data.max_prompt_len,
                     mesh=run_setup.build_mesh(cfg))
@@ -205,8 +214,39 @@ def record_submission(cfg: RunConfig, path: Path) -> None:
     write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
 
 
+def predict_cross_validated(cfg: RunConfig, spec: TaskSpec) -> Path:
+    """After `train.folds = k`: the refit model, or the mean label scores of the fold models,
+    with the threshold fit on the out-of-fold scores."""
+    from kaggle_pipeline.cross_validation import fold_runs
+
+    runs = fold_runs(cfg)
+    for run in runs:  # every model is there and was trained from these inputs
+        run_setup.trained_path(run)
+        run_setup.check_trained_from(run, spec)
+    threshold = run_setup.saved_threshold(cfg)
+    if threshold is None:
+        raise run_setup.TrainedModelMissing(
+            f"{cfg.run_dir / SUMMARY_FILE}: the cross-validation did not finish; run "
+            "`python -m kaggle_pipeline.train` with the same config to finish it (the finished "
+            "folds are kept)")
+    test_examples = run_setup.read_test(cfg, spec)
+    if cfg.lora.enabled:
+        model, variables, tokenizer = run_setup.load_trained_adapters(cfg, runs, spec.style)
+    else:
+        loaded = [run_setup.load_trained(run, spec.style) for run in runs]
+        model, tokenizer, variables = loaded[0][0], loaded[0][2], [v for _, v, _ in loaded]
+    run_setup.check_tokenizer(tokenizer, model.config, spec.style)
+    path = predict_test(model, variables, tokenizer, spec, cfg, threshold,
+                        examples=test_examples)
+    record_submission(cfg, path)
+    log(f"wrote {path}")
+    return path
+
+
 def predict(cfg: RunConfig) -> Path:
     spec = run_setup.task_spec(cfg)
+    if cfg.train.folds > 1:
+        return predict_cross_validated(cfg, spec)
     run_setup.trained_path(cfg)  # a run that saved nothing fails before anything is read
     run_setup.check_trained_from(cfg, spec)
     test_examples = run_setup.read_test(cfg, spec)

@@ -58,6 +58,9 @@ class DataSection:
     train: str = "data/tarr/train.tsv"
     test: str = "data/tarr/test.tsv"
     validation_fraction: float = 1 / 3
+    # A labelled file to validate on instead of a split of data.train ("" = split); all of
+    # data.train is then trained on.
+    validation: str = ""
     seq_len: int = 128  # packed row length
     batch_size: int = 4  # rows per step
     # "answer": every model turn; "label": for classification only the label word's tokens
@@ -80,6 +83,12 @@ class TrainSection:
     mesh_fsdp: int = 1
     mesh_model: int = 1
     predict: bool = True  # after training: validation metrics, test predictions, submission
+    # Cross-validation (classification): folds > 1 trains one adapter per fold on the other
+    # folds; their out-of-fold scores give the honest accuracy and the decision threshold.
+    folds: int = 0
+    # With folds: predict the test set with one model refit on every labelled row (true) or
+    # with the mean label scores of the fold models (false).
+    refit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +252,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.mesh_fsdp": (1, 1 << 16),
     "train.mesh_model": (1, 1 << 16),
     "model.attention_chunk": (0, 1 << 20),
+    "train.folds": (0, 100),  # 0 or 1: no cross-validation
     "task.max_new_tokens": (1, 1 << 16),
     "task.temperature": (0.0, 100.0),
     "task.top_k": (1, 1 << 20),
@@ -294,6 +304,12 @@ def _check_together(cfg: RunConfig) -> None:
                           f"{cfg.task.kind!r} (a task of its own) are both set: set data.task "
                           "= \"\" to define the task in [task], or drop task.kind to adjust "
                           "the preset")
+    if cfg.train.folds > 1 and cfg.data.validation:
+        raise ConfigError("train.folds and data.validation exclude each other: with folds, "
+                          "every labelled row is validated on out of fold")
+    if cfg.train.refit and cfg.train.folds < 2:
+        raise ConfigError("train.refit = true goes with train.folds >= 2 (a refit after a "
+                          "cross-validation)")
     if cfg.task.kind and not cfg.data.train:
         raise ConfigError("data.train is empty: a [task] of its own trains on its own file")
     if not cfg.task.kind and not cfg.data.task:

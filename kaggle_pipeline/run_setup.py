@@ -111,18 +111,28 @@ def input_paths(spec: TaskSpec, value: str | Sequence[str], field: str = "data.t
     return paths[0] if len(paths) == 1 else paths
 
 
-def read_examples(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Example], list[Example]]:
-    """(train, validation) examples of data.train: the same split for the same seed."""
-    from kaggle_pipeline.data.tasks import train_validation_split
-
-    log(f"reading {cfg.data.train}")
-    table = load_records(spec, input_paths(spec, cfg.data.train, "data.train"),
-                         on_bad_row=cfg.data.on_bad_row)
+def read_labelled(cfg: RunConfig, spec: TaskSpec, field: str = "data.train"):
+    """The records of a labelled file (data.train, data.validation) as a polars frame."""
+    value = getattr(cfg.data, field.removeprefix("data."))
+    log(f"reading {value}")
+    table = load_records(spec, input_paths(spec, value, field), on_bad_row=cfg.data.on_bad_row)
     if table.skipped:
         log(table.report())
-    train_frame, valid_frame = train_validation_split(
-        table.frame, validation_fraction=cfg.data.validation_fraction, seed=cfg.train.seed,
-        stratify_by=spec.stratify_column)
+    return table.frame
+
+
+def read_examples(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples: all of data.train and data.validation's rows when that is
+    set, else the same split of data.train for the same seed."""
+    from kaggle_pipeline.data.tasks import train_validation_split
+
+    frame = read_labelled(cfg, spec)
+    if cfg.data.validation:
+        train_frame, valid_frame = frame, read_labelled(cfg, spec, "data.validation")
+    else:
+        train_frame, valid_frame = train_validation_split(
+            frame, validation_fraction=cfg.data.validation_fraction, seed=cfg.train.seed,
+            stratify_by=spec.stratify_column)
     train_examples = build_examples(spec, train_frame)
     valid_examples = build_examples(spec, valid_frame)
     log(f"{len(train_examples)} training and {len(valid_examples)} validation examples")
@@ -417,23 +427,39 @@ def load_trained(cfg: RunConfig, style: str = "chat", mesh=None
     """(model, variables, tokenizer) of a finished run, its weights placed on `mesh` (default:
     the run's mesh); TrainedModelMissing or TokenizerError before any weight is read when the
     run saved nothing or the tokenizer is unusable."""
+    mesh = build_mesh(cfg) if mesh is None else mesh
+    if cfg.lora.enabled:
+        model, variables, tokenizer = load_trained_adapters(cfg, [cfg], style, mesh)
+        return model, variables[0], tokenizer
     trained = trained_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer_alone(tokenizer, style)
-    mesh = build_mesh(cfg) if mesh is None else mesh
-    if cfg.lora.enabled:
-        log(f"loading {cfg.model.checkpoint or cfg.model.preset} and the adapter {trained}")
-        config, params = load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
-        lora_tree, lora_cfg = load_adapter(trained, config)
-        model = transformer(cfg.model, config, mesh, lora_scale=lora_cfg.scale)
-        lora_tree = place_lora(lora_tree, config, cfg.model, mesh)
-        return model, {"params": params, "lora": lora_tree}, tokenizer
     log(f"loading the fine-tuned model {trained}")
     saved_config = load_model_config(cfg.run_dir / MODEL_CONFIG_FILE)
     config, params = load_checkpoint(trained, config=saved_config,
                                      dtype=dtypes(cfg.model, mesh)[1], mesh=mesh,
                                      scan_layers=cfg.model.scan_layers)
     return transformer(cfg.model, config, mesh), {"params": params}, tokenizer
+
+
+def load_trained_adapters(cfg: RunConfig, runs: Sequence[RunConfig], style: str = "chat",
+                          mesh=None) -> tuple[Transformer, list[dict], Tokenizer]:
+    """The model and the variables of the adapters of `runs` (the folds of a cross-validation),
+    all on cfg's base model, loaded once, on `mesh` (default: the run's mesh)."""
+    mesh = build_mesh(cfg) if mesh is None else mesh
+    trained = [trained_path(run) for run in runs]
+    tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer_alone(tokenizer, style)
+    log(f"loading {cfg.model.checkpoint or cfg.model.preset} and the adapter"
+        f"{'s' if len(trained) > 1 else ''} {', '.join(map(str, trained))}")
+    config, params = load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
+    variables, scale = [], 1.0
+    for path in trained:
+        lora_tree, lora_cfg = load_adapter(path, config)
+        variables.append({"params": params,
+                          "lora": place_lora(lora_tree, config, cfg.model, mesh)})
+        scale = lora_cfg.scale
+    return transformer(cfg.model, config, mesh, lora_scale=scale), variables, tokenizer
 
 
 def save_model_config(config: ModelConfig, path: Path) -> None:

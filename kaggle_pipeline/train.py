@@ -41,7 +41,7 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.files import write_text_atomically
 from kaggle_pipeline.inference.label_scoring import answer_only
-from kaggle_pipeline.model import layer_stack, sharding
+from kaggle_pipeline.model import Transformer, layer_stack, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
@@ -146,11 +146,13 @@ class Run:
         return not self.cfg.lora.enabled
 
 
-def check_inputs(cfg: RunConfig, spec: TaskSpec):
+def check_inputs(cfg: RunConfig, spec: TaskSpec,
+                 examples: tuple[list[Example], list[Example]] | None = None):
     """Everything that can be checked without the model, before it is loaded: the train, test
     and sample files, the tokenizer, the mesh, the run directory's identity. Returns (train,
-    validation and test examples, tokenizer, mesh, identity)."""
-    train_examples, valid_examples = run_setup.read_examples(cfg, spec)
+    validation and test examples, tokenizer, mesh, identity). `examples` (train, validation)
+    when the caller has read them already (the folds of a cross-validation)."""
+    train_examples, valid_examples = examples or run_setup.read_examples(cfg, spec)
     test_examples = None
     if cfg.train.predict and cfg.data.test:
         test_examples = run_setup.read_test(cfg, spec)
@@ -164,20 +166,30 @@ def check_inputs(cfg: RunConfig, spec: TaskSpec):
     return train_examples, valid_examples, test_examples, tokenizer, mesh, current
 
 
-def prepare(cfg: RunConfig) -> Run:
+def load_base(cfg: RunConfig, mesh=None) -> tuple[ModelConfig, dict]:
+    """The frozen base model's (config, params), each tensor placed on `mesh` (default: the
+    run's mesh) as it is read."""
+    mesh = run_setup.build_mesh(cfg) if mesh is None else mesh
+    compute_dtype, param_dtype = run_setup.dtypes(cfg.model, mesh)
+    log(f"loading model {cfg.model.checkpoint or cfg.model.preset} onto mesh "
+        f"{dict(mesh.shape)} (params as {param_dtype.name}, compute in {compute_dtype.name})")
+    return run_setup.load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
+
+
+def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None = None,
+            base: tuple[ModelConfig, dict] | None = None) -> Run:
+    """`examples` (train, validation) and the `base` model's (config, params) when the caller
+    has them already (the folds of a cross-validation); else read and loaded here."""
     sharding.maybe_initialize_distributed()
     run_dir = cfg.run_dir
     spec = run_setup.task_spec(cfg)
     train_examples, valid_examples, test_examples, tokenizer, mesh, current = \
-        check_inputs(cfg, spec)
+        check_inputs(cfg, spec, examples)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(run_dir / "config.toml", to_toml(cfg))
     identity.save(run_dir, current)
 
-    compute_dtype, param_dtype = run_setup.dtypes(cfg.model, mesh)
-    log(f"loading model {cfg.model.checkpoint or cfg.model.preset} onto mesh "
-        f"{dict(mesh.shape)} (params as {param_dtype.name}, compute in {compute_dtype.name})")
-    config, params = run_setup.load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
+    config, params = base or load_base(cfg, mesh)
     run_setup.check_tokenizer(tokenizer, config, spec.style)
     log(f"model: {config.family}, {config.num_layers} layers, "
         f"{count_params(params) / 1e6:.0f}M params")
@@ -336,9 +348,9 @@ def train_loop(run: Run) -> dict:
 # ----------------------------------------------------------------------------- finish
 
 
-def finish(run: Run, state: dict, started: float) -> dict:
-    """Saves what was trained, then (train.predict) validates, predicts the test file and writes
-    the report; returns the run's summary, also written to summary.json."""
+def save_trained(run: Run, state: dict) -> tuple[Transformer, dict]:
+    """Writes the adapter (or the full model and its config) to the run dir; returns the
+    inference model and its variables."""
     cfg = run.cfg
     # Files keep the per-layer layout whatever the model's (scan_layers stacks the layers).
     saved = layer_stack.unstack(jax.device_get(state["trainable"]), run.config)
@@ -353,13 +365,21 @@ def finish(run: Run, state: dict, started: float) -> dict:
         save_adapter(saved, cfg.lora, cfg.run_dir / "adapter")
         variables = {"params": run.frozen, "lora": state["trainable"]}
     log(f"saved the {'model' if run.full else 'adapter'} in {cfg.run_dir}")
+    model = run_setup.transformer(cfg.model, run.config, run.trainer.mesh,
+                                  lora_scale=cfg.lora.scale)
+    return model, variables
+
+
+def finish(run: Run, state: dict, started: float) -> dict:
+    """Saves what was trained, then (train.predict) validates, predicts the test file and writes
+    the report; returns the run's summary, also written to summary.json."""
+    cfg = run.cfg
+    model, variables = save_trained(run, state)
     summary = {"steps": int(state["step"]), "packing": run.packing,
                "train_seconds": round(time.time() - started, 1)}
     if cfg.train.predict:
         from kaggle_pipeline.predict import evaluate_and_submit
 
-        model = run_setup.transformer(cfg.model, run.config, run.trainer.mesh,
-                                      lora_scale=cfg.lora.scale)
         summary.update(evaluate_and_submit(cfg, run.spec, model, variables, run.tokenizer,
                                            run.valid_examples, test_examples=run.test_examples))
     summary["total_seconds"] = round(time.time() - started, 1)
@@ -371,6 +391,10 @@ def finish(run: Run, state: dict, started: float) -> dict:
 
 
 def run(cfg: RunConfig) -> dict:
+    if cfg.train.folds > 1:
+        from kaggle_pipeline.cross_validation import cross_validate
+
+        return cross_validate(cfg)
     started = time.time()
     prepared = prepare(cfg)
     state = train_loop(prepared)

@@ -528,3 +528,31 @@ def train_validation_split(frame: pl.DataFrame, *, validation_fraction: float, s
         chosen.update(indices[:int(len(indices) * validation_fraction + 0.5)])
     in_validation = pl.Series([index in chosen for index in range(len(frame))])
     return frame.filter(~in_validation), frame.filter(in_validation)
+
+
+def fold_assignment(frame: pl.DataFrame, *, folds: int, seed: int,
+                    stratify_by: str | None = None) -> list[int]:
+    """The fold (0 .. folds-1) of every row, the same for the same seed: each value of
+    `stratify_by` is shuffled and dealt round-robin over the folds (continuing where the previous
+    value stopped), so every fold keeps the label proportions and fold sizes differ by at most
+    one row."""
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    if len(frame) < folds:
+        raise ValueError(f"{len(frame)} rows cannot make {folds} folds")
+    if stratify_by is not None and stratify_by not in frame.columns:
+        raise ValueError(f"cannot stratify by {stratify_by!r}: columns are {frame.columns}")
+    keys = frame[stratify_by].to_list() if stratify_by else [None] * len(frame)
+    strata: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        strata.setdefault(key, []).append(index)
+    rng = random.Random(seed)
+    assigned = [0] * len(frame)
+    dealt = 0
+    for key in sorted(strata, key=repr):  # a fixed order, whatever the row order
+        indices = strata[key]
+        rng.shuffle(indices)
+        for index in indices:
+            assigned[index] = dealt % folds
+            dealt += 1
+    return assigned

@@ -310,4 +310,5 @@ def test_the_shipped_configs_load_and_the_main_job_is_the_default():
     for value in (emoji.data.train, emoji.data.test):
         assert run_setup.input_paths(spec, value).is_file(), value
     tpu = load_config(REPO / "configs" / "kaggle-tpu-gemma2-2b.toml")
-    assert (tpu.train.mesh_fsdp, tpu.model.dtype, tpu.data.batch_size % 8) == (8, "bfloat16", 0)
+    assert (tpu.train.mesh_fsdp, tpu.model.dtype, tpu.model.scan_layers,
+            tpu.data.batch_size % 8) == (8, "auto", True, 0)

@@ -110,7 +110,7 @@ def test_every_row_is_scored_by_the_fold_model_that_never_saw_it(files, ensemble
         assert sorted(split["train"] + split["held_out"], key=int) == ids  # disjoint, complete
         held = [e for e, f in zip(examples, folds, strict=True) if f == i]
         rescored = predict.classification_scores(model, fold_variables, tokenizer, spec, held,
-                                                 cfg)
+                                                 cfg).scores
         rows = oof.filter(pl.col("fold") == str(i + 1))
         np.testing.assert_allclose(rescored[:, 0], rows["score[긍정]"].cast(float), rtol=1e-5)
         np.testing.assert_allclose(rescored[:, 1], rows["score[부정]"].cast(float), rtol=1e-5)
@@ -138,7 +138,7 @@ def test_the_test_set_gets_the_mean_of_the_fold_models_and_the_oof_threshold(fil
     test = build_examples(spec, load_records(spec, files[2], labelled=False).frame,
                           with_answers=False)
     model, variables, tokenizer = run_setup.load_trained_adapters(cfg, fold_runs(cfg))
-    mean = np.mean([predict.classification_scores(model, v, tokenizer, spec, test, cfg)
+    mean = np.mean([predict.classification_scores(model, v, tokenizer, spec, test, cfg).scores
                     for v in variables], axis=0)
     expected = decide(mean, [1, 0], result["threshold"])
     written = read_sample(_submission(files, "ensemble"))
@@ -193,7 +193,7 @@ def test_refit_trains_on_every_labelled_row_and_predicts_the_test_set(files, ens
     test = build_examples(spec, load_records(spec, files[2], labelled=False).frame,
                           with_answers=False)
     model, variables, tokenizer = run_setup.load_trained(refit)
-    scores = predict.classification_scores(model, variables, tokenizer, spec, test, cfg)
+    scores = predict.classification_scores(model, variables, tokenizer, spec, test, cfg).scores
     threshold = json.loads((run_dir / "summary.json").read_text())["validation"]["threshold"]
     written = read_sample(_submission(files, "refit"))
     assert written["label"].to_list() == [str(x) for x in decide(scores, [1, 0], threshold)]

@@ -468,3 +468,24 @@ def test_write_predictions_keeps_tsv_cells_on_one_line(tmp_path):
                                             ["two\tlines\nhere", "  "])
     assert path.read_text(encoding="utf-8").splitlines() == [
         "id\ten", "1\ttwo lines here", f"2\t{submission.EMPTY_ANSWER}"]
+
+
+def test_task_sampling_settings_reach_the_decoder(model, variables, tokenizer):
+    """task.temperature / top_k / max_new_tokens decide how predict decodes: greedy at 0, and
+    with a temperature draws that follow train.seed (the same seed, the same answers)."""
+    examples = [Example(id=str(i), conversation=p) for i, p in enumerate(prompts_of(REVIEWS))]
+    spec = get_task("tarr-sentiment")
+
+    def answers(*overrides):
+        cfg = load_config(None, ["task.max_new_tokens=6", *overrides])
+        return predict.generate_answers(model, variables, tokenizer, spec, examples, cfg).texts
+
+    greedy = answers()
+    direct = predictions.generate(model, variables, tokenizer, spec, examples, max_new_tokens=6)
+    assert greedy == direct.texts
+    sampled = answers("task.temperature=5.0", "train.seed=1")
+    assert sampled == answers("task.temperature=5.0", "train.seed=1")
+    assert sampled != greedy
+    assert sampled != answers("task.temperature=5.0", "train.seed=2")
+    # top_k = 1 keeps only the most likely token: greedy whatever the temperature.
+    assert answers("task.temperature=5.0", "task.top_k=1") == greedy

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kaggle_pipeline.model.kv_cache import CACHE_AXES
 from kaggle_pipeline.model.layer_stack import STACK
 from kaggle_pipeline.model.lora import TARGETS
 
@@ -131,10 +132,9 @@ def like_params_shardings(tree, params_shardings_flat: Mapping[str, NamedShardin
 
 def cache_shardings(cache, mesh: Mesh):
     """A KV cache (`init_cache`) laid out like the activations: rows over the batch axes,
-    kv heads over `model`."""
+    kv heads over `model` (kv_cache.CACHE_AXES, the axes inference/placement.py uses)."""
     def one(keypath, leaf):
-        axes = (("batch", "cache_length", "kv_heads", "head_dim") if leaf.ndim == 4
-                else ("batch", "cache_length"))
+        axes = CACHE_AXES[keypath[-1].key]
         return NamedSharding(mesh, spec_for(axes, tuple(leaf.shape), mesh))
     return jax.tree_util.tree_map_with_path(one, cache)
 

@@ -22,18 +22,68 @@ def gemma3_tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(gemma3_270m_gguf())
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """The real Gemma 3 270M, (config, f32 params) by our GGUF loader, loaded once per session."""
+    from kaggle_pipeline.checkpoints import load_checkpoint
+
+    return load_checkpoint(gemma3_270m_gguf())
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_270m():
+    """transformers' own GGUF path on the same file: its tokenizer and its dequantized f32
+    model, loaded once per session (the tokenizer and parity tests share them)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    class PlainViewReader(gguf.GGUFReader):
+        """The same reader over a plain ndarray view of its memmap: np.memmap slicing runs
+        Python hooks, and parsing the 262k-entry vocabulary that way costs ~12 s per load."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, mapped):
+            self._data = mapped.view(np.ndarray)
+
+    path = gemma3_270m_gguf()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", PlainViewReader)  # transformers imports it per call
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32,
+            attn_implementation="eager").eval()
+    return tokenizer, model
+
+
 # Every program compiled once goes to disk, whatever its size or compile time.
 CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
                   "jax_persistent_cache_min_entry_size_bytes": -1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this session: runs of the same shapes (the folds of a
-    cross-validation, CLI runs in subprocesses given `JAX_COMPILATION_CACHE_DIR`) compile once."""
+    """One persistent compilation cache for the whole session: the many runs of the same tiny
+    shapes (every CLI run's train step, the folds of a cross-validation, subprocesses, which
+    inherit it through the environment) compile once. Fresh per session, so nothing stale."""
+    import os
+
     directory = tmp_path_factory.mktemp("jax_cache")
     saved = {name: getattr(jax.config, name)
              for name in ("jax_compilation_cache_dir", *CACHE_SETTINGS)}
+    env = {"JAX_COMPILATION_CACHE_DIR": str(directory),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     for name, value in CACHE_SETTINGS.items():
         jax.config.update(name, value)
@@ -41,4 +91,9 @@ def jax_compilation_cache(tmp_path_factory):
     yield directory
     for name, value in saved.items():
         jax.config.update(name, value)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     compilation_cache.reset_cache()

@@ -4,16 +4,12 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from kaggle_pipeline.checkpoints import load_checkpoint
-from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.model.config import AttentionKind
@@ -36,19 +32,6 @@ PROMPTS = ("The capital of France is", "대한민국의 수도는")
 NEW_TOKENS = 32
 
 
-class _PlainViewReader(gguf.GGUFReader):
-    """The same reader over a plain ndarray view of its memmap: np.memmap slicing runs Python
-    hooks, and parsing the 262k-entry vocabulary that way costs ~12 s per load, twice here."""
-
-    @property
-    def data(self):
-        return self._data
-
-    @data.setter
-    def data(self, mapped):
-        self._data = mapped.view(np.ndarray)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     # Single-token decoding is tiny matmuls: a second OpenMP thread only spin-waits (it doubled
@@ -60,21 +43,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers' own GGUF path: its tokenizer and its dequantized f32 model."""
-    path = gemma3_270m_gguf()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", _PlainViewReader)  # transformers imports it per call
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32,
-            attn_implementation="eager").eval()
-    return tokenizer, model
+def reference(hf_gemma3_270m):
+    """transformers' tokenizer and dequantized f32 model of the same GGUF (conftest)."""
+    return hf_gemma3_270m
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return load_checkpoint(gemma3_270m_gguf())
+def ours(gemma3_270m):
+    return gemma3_270m
 
 
 def test_config_agrees_with_transformers(reference, ours):

@@ -1,5 +1,7 @@
 """The model's own invariants: cached decoding, packing isolation, the sampler."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +16,24 @@ from kaggle_pipeline.inference.sampler import (
 from kaggle_pipeline.model import Transformer, abstract_params, init_cache, init_params
 from kaggle_pipeline.model.config import PRESETS, tiny_config
 
+REFERENCE_LENGTH = 32  # reference sequences are padded to this: one compilation per model
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(model):
+    return jax.jit(model.apply)
+
 
 def _forward(model, params, tokens):
-    t = jnp.asarray([tokens])
-    logits, _ = model.apply({"params": params}, t, jnp.arange(t.shape[1])[None], jnp.ones_like(t))
-    return logits[0]
+    """Logits of `tokens` alone, from a padded row (padding is segment 0: causal attention keeps
+    it out of the real positions), so every length shares one compiled program."""
+    n = len(tokens)
+    assert n <= REFERENCE_LENGTH
+    t = jnp.asarray([list(tokens) + [0] * (REFERENCE_LENGTH - n)])
+    segments = jnp.asarray([[1] * n + [0] * (REFERENCE_LENGTH - n)])
+    logits, _ = _jitted_apply(model)({"params": params}, t, jnp.arange(REFERENCE_LENGTH)[None],
+                                     segments)
+    return logits[0, :n]
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -29,17 +44,18 @@ def test_cached_decode_equals_full_forward_past_the_window(family):
     total, prompt = 14, 5
     tokens = jax.random.randint(jax.random.key(1), (2, total), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(total), (2, total))
-    full, _ = model.apply({"params": params}, tokens, positions, jnp.ones_like(tokens))
+    apply = _jitted_apply(model)
+    full, _ = apply({"params": params}, tokens, positions, jnp.ones_like(tokens))
 
     cache = init_cache(cfg, 2, total)
     # Local layers keep only their window: the cache is smaller than the sequence.
     assert cache["layer_0"]["k"].shape[1] == 4 and cache[f"layer_{5}"]["k"].shape[1] == total
-    first, cache = model.apply({"params": params}, tokens[:, :prompt], positions[:, :prompt],
-                               jnp.ones((2, prompt), jnp.int32), cache, jnp.array([prompt] * 2))
+    first, cache = apply({"params": params}, tokens[:, :prompt], positions[:, :prompt],
+                         jnp.ones((2, prompt), jnp.int32), cache, jnp.array([prompt] * 2))
     np.testing.assert_allclose(first, full[:, :prompt], atol=1e-5)
-    for t in range(prompt, total):
-        step, cache = model.apply({"params": params}, tokens[:, t:t + 1], positions[:, t:t + 1],
-                                  jnp.ones((2, 1), jnp.int32), cache)
+    for t in range(prompt, total):  # every step the same shapes: one compilation
+        step, cache = apply({"params": params}, tokens[:, t:t + 1], positions[:, t:t + 1],
+                             jnp.ones((2, 1), jnp.int32), cache)
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
@@ -51,7 +67,7 @@ def test_packed_examples_do_not_see_each_other():
     packed = jnp.asarray([a + b + [0, 0]])
     positions = jnp.asarray([list(range(5)) + list(range(3)) + [0, 0]])
     segments = jnp.asarray([[1] * 5 + [2] * 3 + [0, 0]])
-    logits, _ = model.apply({"params": params}, packed, positions, segments)
+    logits, _ = _jitted_apply(model)({"params": params}, packed, positions, segments)
     np.testing.assert_allclose(logits[0, :5], _forward(model, params, a), atol=1e-5)
     np.testing.assert_allclose(logits[0, 5:8], _forward(model, params, b), atol=1e-5)
 

@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaggle_pipeline.checkpoints import load_checkpoint
-from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 from kaggle_pipeline.model import Transformer, abstract_params, precision
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.model.lora import LoraConfig, init_lora
@@ -96,9 +94,8 @@ PROMPTS = ["리뷰: 음식이 정말 맛있고 직원들도 친절했어요. 다
            "서울의 날씨는 오늘 맑고 따뜻합니다. 내일은 비가 올 예정입니다."]
 
 
-def test_real_270m_in_bf16_is_within_the_stated_tolerance(gemma3_tokenizer):
-    path = gemma3_270m_gguf()
-    config, params = load_checkpoint(path)
+def test_real_270m_in_bf16_is_within_the_stated_tolerance(gemma3_tokenizer, gemma3_270m):
+    config, params = gemma3_270m
     ids = [gemma3_tokenizer.encode(t) for t in PROMPTS]
     t = max(map(len, ids))
     tokens = np.zeros((len(ids), t), np.int32)

@@ -88,11 +88,8 @@ def tok(timed_tokenizer) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_tok():
-    from transformers import AutoTokenizer
-
-    path = gemma3_270m_gguf()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def hf_tok(hf_gemma3_270m):
+    return hf_gemma3_270m[0]
 
 
 def test_from_gguf_is_fast(timed_tokenizer):

@@ -30,17 +30,9 @@ def gemma3_270m():
     return load_checkpoint(gemma3_270m_gguf())
 
 
-@pytest.fixture(scope="session")
-def hf_gemma3_270m():
-    """transformers' own GGUF path on the same file: its tokenizer and its dequantized f32
-    model, loaded once per session (the tokenizer and parity tests share them)."""
-    import os
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _plain_view_reader():
     import gguf
     import numpy as np
-    import torch
-    import transformers
 
     class PlainViewReader(gguf.GGUFReader):
         """The same reader over a plain ndarray view of its memmap: np.memmap slicing runs
@@ -54,14 +46,41 @@ def hf_gemma3_270m():
         def data(self, mapped):
             self._data = mapped.view(np.ndarray)
 
-    path = gemma3_270m_gguf()
+    return PlainViewReader
+
+
+def _hf_from_gguf(load):
+    """load(path) under transformers' own GGUF path, offline, with the faster reader."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gguf
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", PlainViewReader)  # transformers imports it per call
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32,
-            attn_implementation="eager").eval()
-    return tokenizer, model
+        patch.setattr(gguf, "GGUFReader", _plain_view_reader())  # transformers imports it per call
+        return load(gemma3_270m_gguf())
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_270m_tokenizer():
+    """transformers' tokenizer of the packaged GGUF, built once per session (test process)."""
+    import transformers
+
+    return _hf_from_gguf(lambda path: transformers.AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name))
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_270m(hf_gemma3_270m_tokenizer):
+    """transformers' tokenizer and dequantized f32 model of the packaged GGUF, loaded once per
+    session (test process)."""
+    import torch
+    import transformers
+
+    model = _hf_from_gguf(lambda path: transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32,
+        attn_implementation="eager").eval())
+    return hf_gemma3_270m_tokenizer, model
 
 
 # Every program compiled once goes to disk, whatever its size or compile time.

@@ -88,8 +88,8 @@ def tok(timed_tokenizer) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_tok(hf_gemma3_270m):
-    return hf_gemma3_270m[0]
+def hf_tok(hf_gemma3_270m_tokenizer):
+    return hf_gemma3_270m_tokenizer
 
 
 def test_from_gguf_is_fast(timed_tokenizer):

@@ -505,6 +505,26 @@ def build_examples(spec: TaskSpec, frame: pl.DataFrame, *,
 # ----------------------------------------------------------------------------- split
 
 
+def _shuffled_strata(frame: pl.DataFrame, seed: int, stratify_by: str | None
+                     ) -> list[list[int]]:
+    """The row indices of each value of `stratify_by` (all rows as one stratum without it),
+    each shuffled by one generator seeded with `seed`, the strata in a fixed order whatever the
+    row order: the split and the folds of the same seed are reproducible."""
+    if stratify_by is not None and stratify_by not in frame.columns:
+        raise ValueError(f"cannot stratify by {stratify_by!r}: columns are {frame.columns}")
+    keys = frame[stratify_by].to_list() if stratify_by else [None] * len(frame)
+    strata: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        strata.setdefault(key, []).append(index)
+    rng = random.Random(seed)
+    shuffled = []
+    for key in sorted(strata, key=repr):
+        indices = strata[key]
+        rng.shuffle(indices)
+        shuffled.append(indices)
+    return shuffled
+
+
 def train_validation_split(frame: pl.DataFrame, *, validation_fraction: float, seed: int,
                            stratify_by: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(train, validation), the same for the same seed; rows keep their order.
@@ -514,17 +534,8 @@ def train_validation_split(frame: pl.DataFrame, *, validation_fraction: float, s
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    if stratify_by is not None and stratify_by not in frame.columns:
-        raise ValueError(f"cannot stratify by {stratify_by!r}: columns are {frame.columns}")
-    keys = frame[stratify_by].to_list() if stratify_by else [None] * len(frame)
-    strata: dict[Any, list[int]] = {}
-    for index, key in enumerate(keys):
-        strata.setdefault(key, []).append(index)
-    rng = random.Random(seed)
     chosen: set[int] = set()
-    for key in sorted(strata, key=repr):  # a fixed order, whatever the row order
-        indices = strata[key]
-        rng.shuffle(indices)
+    for indices in _shuffled_strata(frame, seed, stratify_by):
         chosen.update(indices[:int(len(indices) * validation_fraction + 0.5)])
     in_validation = pl.Series([index in chosen for index in range(len(frame))])
     return frame.filter(~in_validation), frame.filter(in_validation)
@@ -540,18 +551,9 @@ def fold_assignment(frame: pl.DataFrame, *, folds: int, seed: int,
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     if len(frame) < folds:
         raise ValueError(f"{len(frame)} rows cannot make {folds} folds")
-    if stratify_by is not None and stratify_by not in frame.columns:
-        raise ValueError(f"cannot stratify by {stratify_by!r}: columns are {frame.columns}")
-    keys = frame[stratify_by].to_list() if stratify_by else [None] * len(frame)
-    strata: dict[Any, list[int]] = {}
-    for index, key in enumerate(keys):
-        strata.setdefault(key, []).append(index)
-    rng = random.Random(seed)
     assigned = [0] * len(frame)
     dealt = 0
-    for key in sorted(strata, key=repr):  # a fixed order, whatever the row order
-        indices = strata[key]
-        rng.shuffle(indices)
+    for indices in _shuffled_strata(frame, seed, stratify_by):
         for index in indices:
             assigned[index] = dealt % folds
             dealt += 1

@@ -1,5 +1,5 @@
 """What every command shares: one runner (a user error is one line and exit 2, an interrupted
-run says how to resume), log lines and progress bars."""
+run says how to resume, compiled programs kept on disk), log lines and progress bars."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -29,11 +30,31 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def compilation_cache_dir() -> Path:
+    """Where compiled programs are kept between runs: $XDG_CACHE_HOME (or ~/.cache) /
+    kaggle_pipeline/jax."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "kaggle_pipeline" / "jax"
+
+
+def enable_compilation_cache() -> None:
+    """jax's persistent compilation cache, unless the user configured one (or turned it off
+    with JAX_ENABLE_COMPILATION_CACHE=false): a rerun, a resumed run, predict after train and
+    the folds of a cross-validation load the train step and the scoring programs instead of
+    compiling them again (10-20 s each for the 270M on 2 CPU cores)."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir or not jax.config.jax_enable_compilation_cache:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
+
+
 def run_command(body: Callable[[], object]) -> int:
     """Runs a command's body: its exit code when it returns one (else 0), 2 with one line on a
     user error, the Stop's own code when it stops early, 130 for a Ctrl-C outside the training
     loop (which saves first and stops itself). Bugs keep their traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    enable_compilation_cache()
     try:
         result = body()
     except Stop as stop:

@@ -8,7 +8,8 @@ every labelled row scored by a model that never saw it. From them:
 - the honest estimates: OOF accuracy of the plain argmax decision, of the calibrated decision
   with each fold's threshold fit on the other folds' OOF margins (cross-fitted), AUC, and the
   spread of the per-fold accuracies;
-- the decision threshold for the test set, fit on all OOF margins.
+- the decision for the test set (`task.decision`): argmax (the default), or the threshold fit
+  on all OOF margins.
 
 The test set is predicted with the mean of the k fold models' label scores (an ensemble), or
 with one model refit on every labelled row (`train.refit = true`), whichever the config asks.
@@ -86,17 +87,18 @@ def _train_and_score(cfg: RunConfig, train_examples: list[Example],
 
 
 def oof_summary(scores: np.ndarray, truth: list, folds: list[int], labels: list,
-                names: list[str]) -> dict:
+                names: list[str], decision: str = "argmax") -> dict:
     """The out-of-fold estimates (see the module's doc) and the threshold for the test set.
 
-    `accuracy`, `macro_f1`, the per-class F1 and the confusion matrix are those of the
-    calibrated decision with each fold's rows decided by the threshold fit on the other folds
-    (binary; otherwise argmax): what the calibrated decision is worth on rows nobody tuned on.
-    `threshold` is fit on all OOF rows (the one the test set gets); `accuracy_fit_on_oof` is its
-    accuracy on those same rows, optimistic. `raw_*` is the plain argmax decision."""
+    `accuracy`, `macro_f1`, the per-class F1 and the confusion matrix are those of `decision`:
+    "argmax", or "threshold", the calibrated decision (binary; otherwise argmax) with each
+    fold's rows decided by the threshold fit on the other folds, what calibration is worth on
+    rows nobody tuned on. Both are always reported: `raw_*` is argmax, `calibrated_*` the
+    cross-fitted calibrated decision. `threshold` is the test set's: 0 for argmax, else fit on
+    all OOF rows (`accuracy_fit_on_oof` is its accuracy on those same rows, optimistic)."""
     k = max(folds) + 1
     fold_of = np.asarray(folds)
-    decided: list = [None] * len(truth)
+    calibrated: list = [None] * len(truth)
     per_fold, per_fold_raw = [], []
     for i in range(k):
         rows = np.flatnonzero(fold_of == i)
@@ -108,18 +110,28 @@ def oof_summary(scores: np.ndarray, truth: list, folds: list[int], labels: list,
             threshold = validation.best_threshold(margins, positive)
         truth_i = [truth[r] for r in rows]
         for r, d in zip(rows, decide(scores[rows], labels, threshold), strict=True):
-            decided[r] = d
-        per_fold.append(metrics.accuracy(truth_i, [decided[r] for r in rows]))
+            calibrated[r] = d
+        per_fold.append(metrics.accuracy(truth_i, [calibrated[r] for r in rows]))
         per_fold_raw.append(metrics.accuracy(truth_i, decide(scores[rows], labels)))
-    result = validation.classification_metrics(truth, decided, labels, names)
-    fit_on_oof = validation.calibrated_classification(scores, truth, labels, names)
+    calibrated_metrics = validation.classification_metrics(truth, calibrated, labels, names)
+    fit_on_oof = validation.calibrated_classification(scores, truth, labels, names,
+                                                      decision="threshold")
+    if decision == "threshold":
+        result = calibrated_metrics
+    else:
+        result = validation.classification_metrics(truth, decide(scores, labels), labels, names)
+        per_fold = per_fold_raw
     result.update({
+        "decision": decision,
         "raw_accuracy": fit_on_oof["raw_accuracy"], "raw_macro_f1": fit_on_oof["raw_macro_f1"],
-        "threshold": fit_on_oof["threshold"], "accuracy_fit_on_oof": fit_on_oof["accuracy"],
+        "calibrated_accuracy": calibrated_metrics["accuracy"],
+        "threshold": fit_on_oof["threshold"] if decision == "threshold" else 0.0,
+        "accuracy_fit_on_oof": fit_on_oof["accuracy"],
         "folds": k, "accuracy_per_fold": per_fold,
         "accuracy_fold_std": float(np.std(per_fold)), "raw_accuracy_per_fold": per_fold_raw})
-    if "auc" in fit_on_oof:
-        result["auc"] = fit_on_oof["auc"]
+    for key in ("auc", "calibrated_threshold"):  # binary tasks
+        if key in fit_on_oof:
+            result[key] = fit_on_oof[key]
     return result
 
 
@@ -185,10 +197,11 @@ def cross_validate(cfg: RunConfig) -> dict:
             fold_test_scores.append(saved.test)
 
     truth = [e.label for e in examples]
-    result = oof_summary(oof, truth, folds, labels, names)
-    log(f"out-of-fold accuracy {result['accuracy']:.3f} (threshold cross-fitted by fold; "
-        f"per fold {', '.join(f'{a:.2f}' for a in result['accuracy_per_fold'])}), "
-        f"uncalibrated {result['raw_accuracy']:.3f}, AUC {result.get('auc', 0):.3f}")
+    result = oof_summary(oof, truth, folds, labels, names, run_setup.decision(cfg))
+    log(f"out-of-fold accuracy {result['accuracy']:.3f} ({result['decision']}; per fold "
+        f"{', '.join(f'{a:.2f}' for a in result['accuracy_per_fold'])}); argmax "
+        f"{result['raw_accuracy']:.3f}, threshold cross-fitted by fold "
+        f"{result['calibrated_accuracy']:.3f}, AUC {result.get('auc', 0):.3f}")
     ids = [e.id for e in examples]
     validation.write_table(run_dir / "oof_predictions.csv", {
         "id": ids, "fold": [f + 1 for f in folds], "reference": truth,

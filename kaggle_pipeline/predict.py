@@ -10,10 +10,11 @@ Before any weight is read, the test file and the sample submission are read and 
 the run's identity (base checkpoint and training settings) is compared with the config's.
 
 Classification scores every label's words (inference/label_scoring.py), so a prediction is always
-a valid label; a binary task uses the threshold calibrated on validation (the run's
-summary.json; a run that stopped before writing it has the threshold recomputed from the
-validation split, which the seed fixes). Generation decodes in batches of similar length
-(inference/sampler.py) until <end_of_turn> or <eos>, at most task.max_new_tokens tokens.
+a valid label, the one with the higher score; with task.decision = "threshold" a binary task
+uses the threshold calibrated on validation (the run's summary.json; a run that stopped before
+writing it has the threshold recomputed from the validation split, which the seed fixes).
+Generation decodes in batches of similar length (inference/sampler.py) until <end_of_turn> or
+<eos>, at most task.max_new_tokens tokens.
 
 Input files: `data.train` / `data.test` name one file, except for Dolly, whose reader aligns two
 (English, Korean): write them as "english.jsonl,korean.jsonl".
@@ -71,11 +72,13 @@ def _capped(examples: Sequence[Example], cfg: RunConfig, spec: TaskSpec) -> list
 def validate_classification(model: Transformer, variables: dict, tokenizer: Tokenizer,
                             spec: TaskSpec, examples: Sequence[Example],
                             cfg: RunConfig) -> tuple[dict, list]:
-    """(metrics of the decision calibrated on these examples, that decision per example)."""
+    """(metrics of the run's decision, argmax or the threshold calibrated on these examples,
+    that decision per example)."""
     labels = list(spec.label_map)
     scores, truncated = classification_scores(model, variables, tokenizer, spec, examples, cfg)
     result = validation.calibrated_classification(scores, [e.label for e in examples], labels,
-                                                  list(spec.label_map.values()))
+                                                  list(spec.label_map.values()),
+                                                  run_setup.decision(cfg))
     result["truncated_prompts"] = truncated
     return validation.with_headline(result, spec.metric), decide(scores, labels,
                                                                  result["threshold"])
@@ -149,9 +152,13 @@ def classification_line(result: dict) -> str:
     if "auc" not in result:  # more than two labels: argmax, nothing calibrated
         return (f"{head}accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
                 f"({result['n']} examples)")
-    return (f"{head}accuracy {result['accuracy']:.3f} (threshold {result['threshold']:+.3f} "
-            f"fit on validation; cross-fitted {result['accuracy_cross_fitted']:.3f}, "
-            f"uncalibrated {result['raw_accuracy']:.3f}, AUC {result['auc']:.3f})")
+    if result.get("decision") == "threshold":
+        return (f"{head}accuracy {result['accuracy']:.3f} (threshold {result['threshold']:+.3f} "
+                f"fit on validation; cross-fitted {result['accuracy_cross_fitted']:.3f}, "
+                f"argmax {result['raw_accuracy']:.3f}, AUC {result['auc']:.3f})")
+    return (f"{head}accuracy {result['accuracy']:.3f} (argmax; a threshold fit on validation "
+            f"would score {result['accuracy_cross_fitted']:.3f} cross-fitted, "
+            f"AUC {result['auc']:.3f})")
 
 
 def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, variables: dict,

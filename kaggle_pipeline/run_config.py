@@ -114,6 +114,9 @@ class TaskSection:
     submission_columns: tuple[str, ...] = ()  # the submission's columns, the answer's last
     sample_submission: str = ""  # a sample file: its columns, their order and the id order
     validation_size: int | None = None  # validation examples predicted at most (gen.: 256)
+    # Two labels: "argmax" (the default: the label with the higher score) or "threshold" (the
+    # cut on score(first) - score(second) calibrated on validation or the out-of-fold scores).
+    decision: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +182,9 @@ def _coerce(value, annotation, where: str):
             return False
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if "tuple" in str(annotation):
-        items = value.split(",") if isinstance(value, str) else value
+        items = value
+        if isinstance(value, str):  # q,k,v or, as in the TOML file, ["q", "k", "v"]
+            items = _toml_list(value, where) if value.strip().startswith("[") else value.split(",")
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}: expected a list of names, got {value!r}")
         return tuple(str(i).strip() for i in items if str(i).strip())
@@ -188,6 +193,14 @@ def _coerce(value, annotation, where: str):
     if annotation in ("str", str) and not isinstance(value, str):
         raise ConfigError(f"{where}: expected text, got {value!r}")
     return value
+
+
+def _toml_list(value: str, where: str) -> list:
+    try:
+        return tomllib.loads(f"value = {value}")["value"]
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}: expected a list like [\"q\", \"v\"] or q,v, got {value!r} "
+                          f"({err})") from None
 
 
 def _table(value, where: str) -> dict[str, str] | None:
@@ -269,6 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_row": ("error", "skip"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "task.kind": ("", "classification", "generation"),
+    "task.decision": ("", "argmax", "threshold"),
     "task.format": ("", *FORMATS),
     "task.source_language": ("", *LANGUAGES),
     "task.target_language": ("", *LANGUAGES),

@@ -487,12 +487,22 @@ def load_model_config(path: Path) -> ModelConfig | None:
             from None
 
 
+def decision(cfg: RunConfig) -> str:
+    """How a two-label task decides: "argmax" (the default) or "threshold"."""
+    return cfg.task.decision or "argmax"
+
+
 def saved_threshold(cfg: RunConfig) -> float | None:
-    """The binary decision threshold calibrated on validation by the training run; None when
-    the run wrote no summary (it stopped before validating)."""
+    """The binary decision threshold: 0 for argmax; for task.decision = "threshold" the one
+    calibrated by the training run (on validation, or on the out-of-fold scores), None when the
+    run wrote no summary (it stopped before validating)."""
     from kaggle_pipeline.files import read_json_object
 
+    if decision(cfg) == "argmax":
+        return 0.0
     values = read_json_object(cfg.run_dir / "summary.json") or {}
     validation = values.get("validation")
-    threshold = validation.get("threshold") if isinstance(validation, dict) else None
+    if not isinstance(validation, dict):
+        return None
+    threshold = validation.get("calibrated_threshold", validation.get("threshold"))
     return float(threshold) if isinstance(threshold, (int, float)) else None

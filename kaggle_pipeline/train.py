@@ -1,7 +1,8 @@
 """`python -m kaggle_pipeline.train [--config run.toml] [section.key=value ...]`
 
 files -> records -> token sequences -> packed batches -> sharded train steps -> checkpoints
--> (classification) validation metrics, calibrated decision, test predictions, submission, report.
+-> (classification) validation metrics, the decision (argmax or a calibrated threshold), test
+predictions, submission, report.
 With no arguments it runs the embedded main job: LoRA on Gemma 3 270M for the AIFactory
 review-sentiment task. An interrupted run resumes from its last checkpoint when started again
 (the newest intact one, if the last was damaged), as long as its identity is the same: the same

@@ -81,12 +81,21 @@ def test_oof_accuracy_decides_each_fold_with_the_other_folds_threshold():
     margins = np.array([0.0, 1.0, 1.0, 2.0])
     truth = [0, 1, 0, 1]
     scores = np.stack([margins, np.zeros(4)], axis=1)  # labels (1, 0): score[0] - score[1]
-    result = oof_summary(scores, truth, [0, 0, 1, 1], [1, 0], ["긍정", "부정"])
+    result = oof_summary(scores, truth, [0, 0, 1, 1], [1, 0], ["긍정", "부정"], "threshold")
     assert result["accuracy_per_fold"] == [0.5, 0.5]  # fold 0 cut at 1.5, fold 1 at 0.5
-    assert result["accuracy"] == 0.5
+    assert result["accuracy"] == result["calibrated_accuracy"] == 0.5
     assert result["accuracy_fit_on_oof"] == 0.75
     assert result["raw_accuracy"] == 0.75  # argmax: margin > 0
     assert result["confusion"] == [[1, 1], [1, 1]]
+    assert result["threshold"] == result["calibrated_threshold"] == 0.5
+    # The default decision is argmax: its accuracy is the estimate, the threshold is 0, and
+    # the calibrated decision's cross-fitted estimate is still reported.
+    argmax = oof_summary(scores, truth, [0, 0, 1, 1], [1, 0], ["긍정", "부정"])
+    assert argmax["decision"] == "argmax" and argmax["threshold"] == 0.0
+    assert argmax["accuracy"] == argmax["raw_accuracy"] == 0.75
+    assert argmax["accuracy_per_fold"] == [1.0, 0.5]  # margin 1.0 of a 0 is the one mistake
+    assert argmax["calibrated_accuracy"] == 0.5 and argmax["calibrated_threshold"] == 0.5
+    assert argmax["confusion"] == [[2, 0], [1, 1]]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -116,8 +125,7 @@ def test_every_row_is_scored_by_the_fold_model_that_never_saw_it(files, ensemble
         np.testing.assert_allclose(rescored[:, 1], rows["score[부정]"].cast(float), rtol=1e-5)
 
 
-def test_the_test_set_gets_the_mean_of_the_fold_models_and_the_oof_threshold(files,
-                                                                            ensemble):
+def test_the_test_set_gets_the_mean_of_the_fold_models_decided_by_argmax(files, ensemble):
     cfg, run_dir = ensemble, ensemble.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
     result = summary["validation"]
@@ -131,7 +139,8 @@ def test_the_test_set_gets_the_mean_of_the_fold_models_and_the_oof_threshold(fil
     assert result == json.loads(json.dumps(oof_summary(scores, truth, folds, [1, 0],
                                                        ["긍정", "부정"])))
     margins = scores[:, 0] - scores[:, 1]
-    assert result["threshold"] == validation.best_threshold(
+    assert result["decision"] == "argmax" and result["threshold"] == 0.0
+    assert result["calibrated_threshold"] == validation.best_threshold(
         margins, np.array([t == 1 for t in truth]))
 
     spec = run_setup.task_spec(cfg)
@@ -180,15 +189,22 @@ def test_an_interrupted_cross_validation_resumes_to_the_same_result(files, ensem
         _submission(files, "ensemble").read_bytes()
 
 
-def test_refit_trains_on_every_labelled_row_and_predicts_the_test_set(files, ensemble):
-    assert train.main(_args(files, "refit", "train.refit=true")) == 0
+def test_refit_trains_on_every_labelled_row_and_predicts_with_the_oof_threshold(files,
+                                                                               ensemble):
+    args = _args(files, "refit", "train.refit=true", "task.decision=threshold")
+    assert train.main(args) == 0
     run_dir = files[0] / "runs" / "refit"
-    # The folds are the same as the ensemble's: the same out-of-fold estimate.
-    assert (run_dir / "oof_predictions.csv").read_bytes() == \
-        (ensemble.run_dir / "oof_predictions.csv").read_bytes()
+    # The folds are the same as the ensemble's: the same out-of-fold scores.
+    oof, ensemble_oof = (read_sample(d / "oof_predictions.csv").drop("prediction")
+                         for d in (run_dir, ensemble.run_dir))
+    assert oof.equals(ensemble_oof)
+    summary = json.loads((run_dir / "summary.json").read_text())["validation"]
+    assert summary["decision"] == "threshold"
+    assert summary["threshold"] == summary["calibrated_threshold"] == json.loads(
+        (ensemble.run_dir / "summary.json").read_text())["validation"]["calibrated_threshold"]
     refit = load_config(run_dir / "refit" / "config.toml")
     assert (run_dir / "refit" / "adapter").is_dir()
-    cfg = load_config(None, _args(files, "refit", "train.refit=true"))
+    cfg = load_config(None, args)
     spec = run_setup.task_spec(cfg)
     test = build_examples(spec, load_records(spec, files[2], labelled=False).frame,
                           with_answers=False)

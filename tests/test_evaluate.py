@@ -265,3 +265,28 @@ def test_evaluate_with_nothing_evaluates_the_main_jobs_run(tmp_path, monkeypatch
         evaluate.main(["--task", "tarr-sentiment"])
     assert stopped.value.code == 2
     assert "--task goes with --predictions" in capsys.readouterr().err
+
+
+def test_the_decision_is_argmax_unless_the_task_asks_for_a_threshold():
+    from kaggle_pipeline.evaluation import validation
+    from kaggle_pipeline.predict import classification_line
+
+    # margins score(1) - score(0): a cut at 1.5 separates the truth, argmax (cut 0) gets 2 wrong
+    margins = np.array([-1.0, 0.5, 1.0, 2.0, 3.0])
+    truth = [0, 0, 0, 1, 1]
+    scores = np.stack([margins, np.zeros(5)], axis=1)  # labels (1, 0)
+    argmax = validation.calibrated_classification(scores, truth, [1, 0])
+    assert argmax["decision"] == "argmax" and argmax["threshold"] == 0.0
+    assert argmax["accuracy"] == argmax["raw_accuracy"] == 0.6
+    assert argmax["calibrated_threshold"] == 1.5
+    assert "accuracy 0.600 (argmax; a threshold fit on validation would score" in \
+        classification_line(argmax)
+    calibrated = validation.calibrated_classification(scores, truth, [1, 0],
+                                                      decision="threshold")
+    assert calibrated["threshold"] == calibrated["calibrated_threshold"] == 1.5
+    assert calibrated["accuracy"] == 1.0 and calibrated["raw_accuracy"] == 0.6
+    assert "accuracy 1.000 (threshold +1.500 fit on validation" in classification_line(calibrated)
+    # more than two labels: always argmax
+    three = validation.calibrated_classification(np.eye(3), [0, 1, 2], [0, 1, 2],
+                                                 decision="threshold")
+    assert three["decision"] == "argmax" and three["accuracy"] == 1.0

@@ -282,6 +282,8 @@ def test_non_finite_loss_stops_without_saving_it(ws, monkeypatch, capsys, bad_st
     (["train.epochs=three"], "train.epochs: expected an integer, got 'three'"),
     (["optim.learning_rate=fast"], "optim.learning_rate: expected a number, got 'fast'"),
     (["train.predict=maybe"], "train.predict: expected true or false, got 'maybe'"),
+    (['lora.targets=["q",'], "lora.targets: expected a list like [\"q\", \"v\"] or q,v, got "
+                             "'[\"q\",' (Invalid value (at end of document))"),
 ])
 def test_bad_overrides_are_clear_errors(argv, message, capsys):
     assert train.main(argv) == 2
@@ -354,6 +356,7 @@ metric = "chrf"
 submission_columns = ["key", "summary"]
 sample_submission = "a/sample_submission.csv"
 validation_size = 50
+decision = "threshold"
 
 [lora]
 enabled = false
@@ -437,6 +440,8 @@ def test_overrides_of_tuples_bools_numbers_and_none(tmp_path):
     assert cfg.optim.learning_rate == 3e-4
     assert cfg.data.prompt == "a=b {comment}"  # only the first '=' splits
     assert load_config(None, ["lora.targets= o ,"]).lora.targets == ("o",)
+    # written as in the TOML file, a list is read as one
+    assert load_config(None, ['lora.targets=["q", "up"]']).lora.targets == ("q", "up")
     assert load_config(None, ["optim.clip_norm=0.5"]).optim.clip_norm == 0.5
     assert load_config(None, []) == RunConfig()
 
@@ -489,8 +494,12 @@ def test_outputs_of_a_run_with_and_without_prediction(ws, straight, capsys):
     confusion = np.array(validation["confusion"])
     assert confusion.shape == (2, 2) and confusion.sum() == validation["n"]
     assert validation["accuracy"] == pytest.approx(np.trace(confusion) / validation["n"])
-    for key in ("raw_accuracy", "macro_f1", "threshold", "auc", "accuracy_cross_fitted"):
+    for key in ("raw_accuracy", "macro_f1", "calibrated_threshold", "auc",
+                "accuracy_cross_fitted"):
         assert math.isfinite(validation[key])
+    # The default decision is argmax: the validation accuracy is argmax's, the threshold 0.
+    assert validation["decision"] == "argmax" and validation["threshold"] == 0.0
+    assert validation["accuracy"] == validation["raw_accuracy"]
 
     submission = Path(summary["submission"])
     assert submission.parent == ws.root / "submissions" / "predicted"
@@ -810,7 +819,7 @@ def test_predict_after_a_run_without_summary_recomputes_the_threshold(ws, capsys
     from kaggle_pipeline import predict
 
     name = "no-summary"
-    args = ws.args(name, "train.max_steps=2")
+    args = ws.args(name, "train.max_steps=2", "task.decision=threshold")
     assert train.main(args) == 0
     run_dir = ws.run_dir(name)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -825,6 +834,11 @@ def test_predict_after_a_run_without_summary_recomputes_the_threshold(ws, capsys
     assert f"recomputed the threshold from 4 validation examples: {threshold:+.3f}" in out
     written = Path(json.loads((run_dir / "summary.json").read_text())["submission"])
     assert written != calibrated and written.read_bytes() == calibrated.read_bytes()
+    # With the default argmax decision there is nothing to recompute.
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    assert predict.main(ws.args(name, "train.max_steps=2")) == 0
+    assert "recomput" not in capsys.readouterr().out
 
 
 def test_ctrl_c_before_the_loop_exits_130_without_a_traceback(ws, monkeypatch, capsys):
@@ -835,3 +849,24 @@ def test_ctrl_c_before_the_loop_exits_130_without_a_traceback(ws, monkeypatch, c
     assert train.main(ws.args("ctrl-c")) == 130
     assert capsys.readouterr().err == "\ninterrupted (Ctrl-C)\n"
     assert not (ws.run_dir("ctrl-c") / "checkpoints").exists()
+
+
+def test_commands_keep_compiled_programs_unless_the_user_chose_a_cache(tmp_path, monkeypatch):
+    from kaggle_pipeline import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", "/chosen/by/the/user")
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == "/chosen/by/the/user"
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_enable_compilation_cache", False)  # turned off: left off
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+        jax.config.update("jax_enable_compilation_cache", True)
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "kaggle_pipeline" / "jax")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", saved)

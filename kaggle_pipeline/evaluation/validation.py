@@ -2,9 +2,10 @@
 together, the decision threshold calibrated on validation, and the validation files.
 
 Classification: accuracy, macro-F1, per-class F1 and the confusion matrix of a decision; with
-label scores also the uncalibrated (argmax) decision, the threshold on score(first label) -
-score(second label) that is best on this split, its cross-fitted accuracy (each half's threshold
-fit on the other half: what calibration is worth on unseen data) and the AUC. Generation: BLEU
+label scores, of the decision task.decision asks (argmax, or a threshold), and in either case
+the threshold on score(first label) - score(second label) that is best on this split, its
+cross-fitted accuracy (each half's threshold fit on the other half: what calibration is worth on
+unseen data) and the AUC. Generation: BLEU
 (char tokens), chrF, chrF++, ROUGE on Hangul and the language-mismatch rate (metrics.py).
 """
 
@@ -85,22 +86,28 @@ def classification_metrics(truth: Sequence, predicted: Sequence, labels: Sequenc
 
 
 def calibrated_classification(scores: np.ndarray, truth: Sequence, labels: Sequence,
-                              names: Sequence[str] | None = None) -> dict:
-    """The metrics of the decision calibrated on this split (binary; any other number of labels
-    decides by argmax), with `threshold` and the uncalibrated `raw_accuracy`/`raw_macro_f1`,
-    and for binary tasks `accuracy_cross_fitted` and `auc`."""
+                              names: Sequence[str] | None = None,
+                              decision: str = "argmax") -> dict:
+    """The metrics of `decision`: "argmax", or "threshold", the binary decision calibrated on
+    this split (any other number of labels decides by argmax). With them `threshold` (the
+    decision's: 0 for argmax), the uncalibrated `raw_accuracy`/`raw_macro_f1`, and for binary
+    tasks the calibrated threshold, the accuracy of its decision cross-fitted on this split
+    (`accuracy_cross_fitted`) and the `auc`."""
     raw = decide(scores, labels)
     raw_metrics = classification_metrics(truth, raw, labels, names)
-    extra = {"raw_accuracy": raw_metrics["accuracy"], "raw_macro_f1": raw_metrics["macro_f1"],
-             "threshold": 0.0}
+    extra = {"decision": decision, "raw_accuracy": raw_metrics["accuracy"],
+             "raw_macro_f1": raw_metrics["macro_f1"], "threshold": 0.0}
     if len(labels) != 2:
-        return {**raw_metrics, **extra}
+        return {**raw_metrics, **extra, "decision": "argmax"}
     margins = scores[:, 0] - scores[:, 1]
     positive = np.array([t == labels[0] for t in truth])
-    extra["threshold"] = best_threshold(margins, positive)
-    calibrated = decide(scores, labels, extra["threshold"])
+    extra["calibrated_threshold"] = best_threshold(margins, positive)
     extra["accuracy_cross_fitted"] = cross_fitted_accuracy(margins, positive)
     extra["auc"] = metrics.roc_auc(positive.astype(int), margins)
+    if decision != "threshold":
+        return {**raw_metrics, **extra}
+    extra["threshold"] = extra["calibrated_threshold"]
+    calibrated = decide(scores, labels, extra["threshold"])
     return {**classification_metrics(truth, calibrated, labels, names), **extra}
 
 

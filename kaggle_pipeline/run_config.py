@@ -131,7 +131,8 @@ class RunConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     task: TaskSection = TaskSection()
-    lora: LoraConfig = LoraConfig()
+    # Rank 16 beat rank 8 on out-of-fold accuracy over seeds 0-2 (0.954 against 0.945, RESULTS.md).
+    lora: LoraConfig = LoraConfig(rank=16, alpha=32.0)
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10,
                                      weight_decay=0.0, clip_norm=1.0)
     train: TrainSection = TrainSection()

@@ -797,9 +797,17 @@ def part_train(runner: Runner, meta: dict, s: Settings, variants: list[str],
 def part_peak(runner: Runner, s: Settings, results: dict) -> dict:
     """Matmul peaks of numpy, torch and jax in f32 and in bf16 (f32 accumulation)."""
     out: dict = {"best_gflops": {}}
+    flags = machine_info().get("cpu_flags", {})
+    bf16_hardware = flags.get("amx_bf16") or flags.get("avx512_bf16")
     for precision in ("f32", "bf16"):
         libraries = {}
         for lib in ("numpy", "torch", "jax"):
+            if precision == "bf16" and lib == "torch" and not bf16_hardware:
+                # torch's CPU bf16 matmul without AMX or AVX-512 bf16 falls back to a scalar
+                # loop: over 5 minutes for one 2048^3 product on an AVX2 machine.
+                libraries[lib] = {"dtype": precision,
+                                  "skipped": "no amx_bf16 or avx512_bf16 on this CPU"}
+                continue
             log(f"peak {precision} matmul rate: {lib}")
             libraries[lib] = runner.run("peak", {"lib": lib, "dtype": precision,
                                                  "sizes": list(s.matmul_sizes),

@@ -361,7 +361,7 @@ decision = "threshold"
 [lora]
 enabled = false
 rank = 4
-alpha = 32
+alpha = 24
 dropout = 0.05
 targets = ["q", "v", "gate"]
 
@@ -410,7 +410,7 @@ def test_a_file_with_every_field_round_trips(tmp_path):
             assert getattr(ours, field.name) != getattr(theirs, field.name), \
                 f"{section.name}.{field.name} is not set by the file"
     assert cfg.lora.targets == ("q", "v", "gate")
-    assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.lora.alpha == 24.0 and isinstance(cfg.lora.alpha, float)
     assert cfg.optim.clip_norm is None
     assert cfg.model.remat is True and cfg.data.pack is False
 

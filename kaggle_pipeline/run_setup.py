@@ -71,9 +71,17 @@ def task_spec(cfg: RunConfig) -> TaskSpec:
     if "sample_submission" in fields:
         fields["sample_submission"] = str(resolve_input(fields["sample_submission"]))
     try:
-        return define_task(cfg.data.task or None, cfg.output.name, **fields)
+        spec = define_task(cfg.data.task or None, cfg.output.name, **fields)
     except ValueError as err:  # TemplateError, TaskSpec's own checks
         raise ConfigError(f"[task]: {err}") from None
+    if cfg.task.decision == "threshold" and (spec.kind != "classification"
+                                             or len(spec.label_map) != 2):
+        raise ConfigError(f"task.decision = \"threshold\" needs a task with two labels; "
+                          f"{spec.name!r} is {spec.kind}" + (
+                              f" with {len(spec.label_map)} labels"
+                              if spec.kind == "classification" else "")
+                          + " (use \"argmax\" or leave it unset)")
+    return spec
 
 
 def sampling_config(cfg: RunConfig) -> SamplingConfig:

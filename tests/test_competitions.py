@@ -28,7 +28,7 @@ from conftest import REPO
 from kaggle_pipeline.checkpoints import save_hf
 from kaggle_pipeline.model import abstract_params
 from kaggle_pipeline.model.config import tiny_config
-from kaggle_pipeline.run_config import RunConfig, load_config
+from kaggle_pipeline.run_config import ConfigError, RunConfig, load_config
 from kaggle_pipeline.submission import read_sample
 
 ANIMALS = {"cat": ["고양이가 창가에서 졸아요", "야옹 하고 울어요", "cats purr softly"],
@@ -312,3 +312,19 @@ def test_the_shipped_configs_load_and_the_main_job_is_the_default():
     tpu = load_config(REPO / "configs" / "kaggle-tpu-gemma2-2b.toml")
     assert (tpu.train.mesh_fsdp, tpu.model.dtype, tpu.model.scan_layers,
             tpu.data.batch_size % 8) == (8, "auto", True, 0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.task=aihub-parallel"], "'aihub-parallel' is generation"),
+    (['task.labels={"0" = "나쁨", "1" = "보통", "2" = "좋음"}'],
+     "'tarr-sentiment' is classification with 3 labels"),
+])
+def test_a_threshold_decision_needs_two_labels(overrides, message):
+    from kaggle_pipeline import run_setup
+
+    cfg = load_config(None, ["task.decision=threshold", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(
+            f'task.decision = "threshold" needs a task with two labels; {message} (use '
+            '"argmax" or leave it unset)')):
+        run_setup.task_spec(cfg)
+    assert run_setup.task_spec(load_config(None, overrides))  # argmax: fine

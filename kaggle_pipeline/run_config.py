@@ -185,7 +185,8 @@ def _coerce(value, annotation, where: str):
     if "tuple" in str(annotation):
         items = value
         if isinstance(value, str):  # q,k,v or, as in the TOML file, ["q", "k", "v"]
-            items = _toml_list(value, where) if value.strip().startswith("[") else value.split(",")
+            items = (_toml_value(value, where, 'a list like ["q", "v"] or q,v')
+                     if value.strip().startswith("[") else value.split(","))
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}: expected a list of names, got {value!r}")
         return tuple(str(i).strip() for i in items if str(i).strip())
@@ -196,12 +197,13 @@ def _coerce(value, annotation, where: str):
     return value
 
 
-def _toml_list(value: str, where: str) -> list:
+def _toml_value(value: str, where: str, expected: str):
+    """An override's value read as TOML (a list, an inline table); `expected` says what the key
+    takes when it is not valid TOML."""
     try:
         return tomllib.loads(f"value = {value}")["value"]
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where}: expected a list like [\"q\", \"v\"] or q,v, got {value!r} "
-                          f"({err})") from None
+        raise ConfigError(f"{where}: expected {expected}, got {value!r} ({err})") from None
 
 
 def _table(value, where: str) -> dict[str, str] | None:
@@ -210,11 +212,7 @@ def _table(value, where: str) -> dict[str, str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = tomllib.loads(f"value = {value}")["value"]
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{where}: expected an inline table like {{ \"1\" = \"word\" }}, "
-                              f"got {value!r} ({err})") from None
+        value = _toml_value(value, where, 'an inline table like { "1" = "word" }')
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"{where}: expected a non-empty table of value = word, got {value!r}")
     table = {}

@@ -797,7 +797,7 @@ def part_train(runner: Runner, meta: dict, s: Settings, variants: list[str],
 def part_peak(runner: Runner, s: Settings, results: dict) -> dict:
     """Matmul peaks of numpy, torch and jax in f32 and in bf16 (f32 accumulation)."""
     out: dict = {"best_gflops": {}}
-    flags = machine_info().get("cpu_flags", {})
+    flags = results["machine"].get("cpu_flags", {})  # read once, in main
     bf16_hardware = flags.get("amx_bf16") or flags.get("avx512_bf16")
     for precision in ("f32", "bf16"):
         libraries = {}

@@ -9,6 +9,7 @@ cache slot (model/kv_cache.py) and the prompt's last token is the last column fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -20,8 +21,9 @@ from jax.sharding import Mesh
 
 from kaggle_pipeline.inference import placement
 from kaggle_pipeline.inference.prompts import truncate_middle
-from kaggle_pipeline.model import Transformer, init_cache
+from kaggle_pipeline.model import Transformer, decode_layout, init_cache
 from kaggle_pipeline.model.kv_cache import prompt_positions
+from kaggle_pipeline.model.layers import DECODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,22 @@ class Sampler:
 
     def __post_init__(self):
         self._compiled: dict = {}
+        self._hold = jax.jit(functools.partial(decode_layout.hold, self.model.config,
+                                               lora_scale=self.model.lora_scale))
+
+    def prepare(self, variables: dict) -> dict:
+        """The variables generation runs on: placed on the mesh, and with f32 compute on one
+        device the projections merged with their LoRA factors and laid out for small-batch
+        matmuls (model/decode_layout.py; BENCHMARKS.md §3), an f32 copy of them
+        beside the params. `generate` prepares its variables unless they already are."""
+        if DECODE in variables:
+            return variables
+        if self.mesh is not None:
+            variables = placement.place_variables(variables, self.mesh, self.model.config)
+        single = self.mesh is None or self.mesh.size == 1
+        if not single or not decode_layout.applies(variables, self.model.dtype):
+            return variables
+        return {"params": variables["params"], DECODE: self._hold(variables)}
 
     def _build(self, sampling: SamplingConfig) -> tuple[Callable, Callable]:
         """(prefill, decode): prefill(variables, tokens, lengths, rng) -> state;
@@ -158,8 +176,8 @@ class Sampler:
         for i, p in enumerate(prompts):
             tokens[i, width - len(p):] = p
         lengths = np.array([len(p) for p in prompts], np.int32)
+        variables = self.prepare(variables)
         if self.mesh is not None:
-            variables = placement.place_variables(variables, self.mesh, self.model.config)
             tokens, lengths = placement.place_batch((tokens, lengths), self.mesh)
         if sampling not in self._compiled:
             self._compiled[sampling] = self._build(sampling)
@@ -230,6 +248,7 @@ def generate_many(sampler: Sampler, variables: dict, prompts: Sequence[Sequence[
     `on_batch(prompts_done, tokens_generated)` is called after each batch (progress)."""
     if not prompts:
         return Generations([], 0)
+    variables = sampler.prepare(variables)  # once for every batch
     cut = [truncate_middle(list(p), max_prompt_len) for p in prompts]
     truncated = sum(len(c) < len(p) for c, p in zip(cut, prompts, strict=True))
     order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))

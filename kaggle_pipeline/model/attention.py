@@ -8,8 +8,9 @@ import jax.numpy as jnp
 
 from kaggle_pipeline.model import attend, kv_cache
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
-from kaggle_pipeline.model.layers import Adaptation, Einsum, RMSNorm, project
+from kaggle_pipeline.model.layers import DECODE, Adaptation, Einsum, RMSNorm, project
 from kaggle_pipeline.model.lora import target
+from kaggle_pipeline.model.precision import einsum
 from kaggle_pipeline.model.rope import apply_rope
 
 
@@ -40,8 +41,24 @@ class Attention(nn.Module):
         return project(self, name, row.eqn, x.astype(self.dtype), w, self.adapt)
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        c = self.config
+        if self.has_variable(DECODE, "qkv"):  # decoding: one merged matmul (decode_layout.py)
+            y = einsum("BTD,ED->BTE", x.astype(self.dtype), self.get_variable(DECODE, "qkv"))
+            b, t = x.shape[:2]
+            nh, kh = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            q, k, v = jnp.split(y.astype(self.dtype), (nh, nh + kh), axis=-1)
+            return (q.reshape(b, t, c.num_heads, c.head_dim),
+                    k.reshape(b, t, c.num_kv_heads, c.head_dim),
+                    v.reshape(b, t, c.num_kv_heads, c.head_dim))
         # One matmul per projection, each with its own LoRA factors (PEFT's q/k/v_proj).
         return self._adapted("q", x), self._adapted("k", x), self._adapted("v", x)
+
+    def _output(self, encoded: jax.Array) -> jax.Array:
+        if self.has_variable(DECODE, "o"):
+            b, t, n, h = encoded.shape
+            return einsum("BTE,ED->BTD", encoded.reshape(b, t, n * h),
+                          self.get_variable(DECODE, "o")).astype(self.dtype)
+        return self._adapted("o", encoded)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
@@ -86,5 +103,4 @@ class Attention(nn.Module):
                 mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
             encoded = attend.dense(q, k, v, mask, softcap=c.attn_logit_softcap, dtype=self.dtype)
         encoded = encoded.reshape(b, t, n, h)
-        out = self._adapted("o", encoded)
-        return out, new_cache
+        return self._output(encoded), new_cache

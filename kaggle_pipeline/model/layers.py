@@ -13,6 +13,8 @@ from kaggle_pipeline.model.precision import einsum
 
 # Collection that holds LoRA factors, kept apart from the frozen base `params`.
 LORA = "lora"
+# Collection of the decode loop's merged projection matrices (model/decode_layout.py).
+DECODE = "decode"
 
 
 class Einsum(nn.Module):

@@ -76,12 +76,15 @@ def test_held_weights_give_the_adapted_models_logits(name):
                                              tokens), expected, atol=1e-3)
 
 
-def test_held_weights_apply_to_f32_per_layer_params_only():
+def test_held_weights_apply_to_f32_per_layer_params_of_small_models_only(monkeypatch):
     cfg, params, _ = _case("gemma3")
     assert decode_layout.applies({"params": params}, jnp.float32)
     assert not decode_layout.applies({"params": params}, jnp.bfloat16)
     stacked = init_params(cfg, jax.random.key(0), scan_layers=True)
     assert not decode_layout.applies({"params": stacked}, jnp.float32)
+    # A model whose held copy would pass the memory bound keeps its official weights.
+    monkeypatch.setattr(decode_layout, "MAX_HELD_BYTES", 1000)
+    assert not decode_layout.applies({"params": params}, jnp.float32)
 
 
 def test_sampler_with_lora_decodes_like_the_merged_model():

@@ -4,15 +4,17 @@ activations (batch, kv heads). A dimension the mesh does not divide stays replic
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from kaggle_pipeline.model import sharding
+from kaggle_pipeline.model import Transformer, decode_layout, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.kv_cache import CACHE_AXES
+from kaggle_pipeline.model.layers import DECODE
 
 
 def place_variables(variables: dict, mesh: Mesh, config: ModelConfig) -> dict:
@@ -20,6 +22,27 @@ def place_variables(variables: dict, mesh: Mesh, config: ModelConfig) -> dict:
     not copied."""
     shardings = sharding.param_shardings(variables, mesh, config.transpose_gating_einsum)
     return jax.device_put(variables, shardings)
+
+
+def prepare(model: Transformer, variables: dict, mesh: Mesh | None) -> dict:
+    """The variables inference runs on: placed on `mesh` by the rule table and, with f32 compute
+    on one device, with the held projection matrices of model/decode_layout.py (LoRA merged
+    once, q/k/v and gate/up one matmul each; BENCHMARKS.md §3) beside the params, in place of
+    the LoRA factors. Variables already prepared are returned as they are."""
+    if DECODE in variables:
+        return variables
+    if mesh is not None:
+        variables = place_variables(variables, mesh, model.config)
+    single = mesh is None or mesh.size == 1
+    if not single or not decode_layout.applies(variables, model.dtype):
+        return variables
+    return {"params": variables["params"], DECODE: _hold(model)(variables)}
+
+
+@functools.lru_cache(maxsize=8)
+def _hold(model: Transformer):
+    return jax.jit(functools.partial(decode_layout.hold, model.config,
+                                     lora_scale=model.lora_scale))
 
 
 def batch_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,6 @@ cache slot (model/kv_cache.py) and the prompt's last token is the last column fo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -21,9 +20,8 @@ from jax.sharding import Mesh
 
 from kaggle_pipeline.inference import placement
 from kaggle_pipeline.inference.prompts import truncate_middle
-from kaggle_pipeline.model import Transformer, decode_layout, init_cache
+from kaggle_pipeline.model import Transformer, init_cache
 from kaggle_pipeline.model.kv_cache import prompt_positions
-from kaggle_pipeline.model.layers import DECODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +96,12 @@ class Sampler:
 
     def __post_init__(self):
         self._compiled: dict = {}
-        self._hold = jax.jit(functools.partial(decode_layout.hold, self.model.config,
-                                               lora_scale=self.model.lora_scale))
 
     def prepare(self, variables: dict) -> dict:
-        """The variables generation runs on: placed on the mesh, and with f32 compute on one
-        device the projections merged with their LoRA factors and laid out for small-batch
-        matmuls (model/decode_layout.py; BENCHMARKS.md §3), an f32 copy of them
-        beside the params. `generate` prepares its variables unless they already are."""
-        if DECODE in variables:
-            return variables
-        if self.mesh is not None:
-            variables = placement.place_variables(variables, self.mesh, self.model.config)
-        single = self.mesh is None or self.mesh.size == 1
-        if not single or not decode_layout.applies(variables, self.model.dtype):
-            return variables
-        return {"params": variables["params"], DECODE: self._hold(variables)}
+        """The variables generation runs on (placement.prepare): placed on the mesh and, for a
+        small model on one f32 device, with the projections held in the decode layout.
+        `generate` prepares its variables unless they already are."""
+        return placement.prepare(self.model, variables, self.mesh)
 
     def _build(self, sampling: SamplingConfig) -> tuple[Callable, Callable]:
         """(prefill, decode): prefill(variables, tokens, lengths, rng) -> state;

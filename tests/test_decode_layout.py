@@ -10,7 +10,7 @@ from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig
 from kaggle_pipeline.model import Transformer, decode_layout, init_cache, init_params
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.model.layers import DECODE
-from kaggle_pipeline.model.lora import TARGETS, LoraConfig, init_lora, merge_lora
+from kaggle_pipeline.model.lora import TARGETS, LoraConfig, init_lora, merge_lora, target
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS))  # every projection adapted
 
@@ -46,10 +46,10 @@ def _prefill_and_step(model, prefill_variables, step_variables, tokens):
     return logits[:, 0]
 
 
-def _is_projection(path) -> bool:
-    keys = {getattr(p, "key", None) for p in path}
-    return bool(keys & {"q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum",
-                        "gating_einsum", "linear"})
+def _is_projection(cfg, path) -> bool:
+    """A weight that some row of the LoRA target table projects with, in cfg's layout."""
+    weights = {target(name, cfg).weight.split("/")[0] for name in TARGETS}
+    return bool({getattr(p, "key", None) for p in path} & weights)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -65,7 +65,7 @@ def test_held_weights_give_the_adapted_models_logits(name):
     # The modules read only the held matrices: with the official projection weights zeroed
     # they still give the adapted model's logits, in a decode step and in a prefill.
     zeroed = {"params": jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.zeros_like(x) if _is_projection(path) else x, params),
+        lambda path, x: jnp.zeros_like(x) if _is_projection(cfg, path) else x, params),
         DECODE: held}
     np.testing.assert_allclose(_prefill_and_step(model, adapted, zeroed, tokens), expected,
                                atol=1e-5, rtol=1e-5)

@@ -71,14 +71,16 @@ def merged(eqn: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
     return _merged(eqn, scale, x, w, a, b)
 
 
-def _merged_weight(eqn, scale, w, a, b, dtype):
+def merged_weight(eqn: str, scale: float, w: jax.Array, a: jax.Array, b: jax.Array,
+                  dtype) -> jax.Array:
+    """W + scale·A·B in `dtype`: the weight the merged matmul multiplies by."""
     s = subscripts(eqn)
     return w.astype(dtype) + scale * jnp.einsum(s.merge, a.astype(dtype), b.astype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _merged(eqn, scale, x, w, a, b):
-    return einsum(eqn, x, _merged_weight(eqn, scale, w, a, b, x.dtype)).astype(x.dtype)
+    return einsum(eqn, x, merged_weight(eqn, scale, w, a, b, x.dtype)).astype(x.dtype)
 
 
 def _merged_fwd(eqn, scale, x, w, a, b):
@@ -90,7 +92,7 @@ def _merged_fwd(eqn, scale, x, w, a, b):
 def _merged_bwd(eqn, scale, residuals, dy):
     x, w, a, b = residuals
     s = subscripts(eqn)
-    dx = einsum(f"{s.y},{s.w}->{s.x}", dy, _merged_weight(eqn, scale, w, a, b, x.dtype))
+    dx = einsum(f"{s.y},{s.w}->{s.x}", dy, merged_weight(eqn, scale, w, a, b, x.dtype))
     low = einsum(f"{s.x},{s.a}->{s.low}", x, a.astype(x.dtype))  # x A
     dlow = einsum(f"{s.y},{s.b}->{s.low}", dy, b.astype(dy.dtype))  # dy B^T
     da = scale * einsum(f"{s.x},{s.low}->{s.a}", x, dlow)

@@ -30,7 +30,7 @@ from kaggle_pipeline.model import adapted_einsum
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.layer_stack import STACK
 from kaggle_pipeline.model.layers import LORA
-from kaggle_pipeline.model.lora import target
+from kaggle_pipeline.model.lora import TARGETS, target
 
 # The held matrices are a second, f32 copy of the projection weights while generating: 0.4 GB
 # for the 270M, 2.8 GB for Gemma 3 1B. Past this, memory matters more than speed (a 2B model in
@@ -77,17 +77,16 @@ def _projections(config: ModelConfig, layer: dict, factors: dict, scale: float
     where the layer has factors for it (what adapted_einsum.merged computes at every call)."""
     adapted = {name: f for module in factors.values() for name, f in module.items()}
     out = {}
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+    for name in TARGETS:
         row = target(name, config)
         w = layer[row.module]
         for key in row.weight.split("/"):
             w = w[key]
-        w = (w if row.index is None else w[row.index]).astype(jnp.float32)
+        w = w if row.index is None else w[row.index]
         if name in adapted:
-            s = adapted_einsum.subscripts(row.eqn)
-            a, b = (adapted[name][k].astype(jnp.float32) for k in ("a", "b"))
-            w = w + scale * jnp.einsum(s.merge, a, b)
-        out[name] = w
+            w = adapted_einsum.merged_weight(row.eqn, scale, w, adapted[name]["a"],
+                                             adapted[name]["b"], jnp.float32)
+        out[name] = w.astype(jnp.float32)
     return out
 
 

@@ -92,3 +92,47 @@ def test_the_loss_in_chunks_equals_the_loss_in_one_piece():
     per_slot = target_logprobs(model, {"params": params}, batch, chunk=4)
     np.testing.assert_allclose(per_slot, target_logprobs(model, {"params": params}, batch,
                                                          chunk=64), atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [64, 71])  # an odd length splits 35 + 36
+def test_causal_split_equals_full_dense_values_and_gradients(t):
+    """dense(causal=True) skips the keys the first half of the queries cannot see: the same
+    outputs at every real query and the same gradients, with packed segments, a sliding window
+    and soft-capping."""
+    rng = np.random.default_rng(2)
+    b, k, g, h = 2, 2, 2, 8
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                for shape in ((b, t, k, g, h), (b, t, k, h), (b, t, k, h)))
+    lengths = [(20, 30, t - 55), (t - 3,)]
+    segments = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for s, n in enumerate(row_lengths, start=1):
+            segments[row, start:start + n] = s
+            positions[row, start:start + n] = np.arange(n)
+            start += n
+    real = jnp.asarray(segments > 0)
+    mask = causal_segment_mask(jnp.asarray(segments))
+    qp, kp = jnp.asarray(positions)[:, :, None], jnp.asarray(positions)[:, None, :]
+    mask = mask & (kp > qp - 16) & (kp < qp + 16)
+
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(q, kk, v, causal):
+        out = attend.dense(q, kk, v, mask, softcap=2.0, dtype=jnp.float32, causal=causal)
+        return jnp.sum(jnp.where(real[:, :, None, None, None], out * weights, 0.0)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    split_grads, split_out = grad(q, kk, v, True)
+    full_grads, full_out = grad(q, kk, v, False)
+    np.testing.assert_allclose(split_out[real], full_out[real], rtol=1e-6, atol=1e-6)
+    for a, b_ in zip(split_grads, full_grads, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+    # The split is taken: the first half's queries never see the second half's keys, so
+    # keys there only get gradients from the second half (a non-causal mask would differ).
+    assert t >= attend.CAUSAL_SPLIT_MIN
+    leaky = mask.at[:, 0, t - 1].set(True)
+    assert not np.allclose(
+        attend.dense(q, kk, v, leaky, softcap=2.0, dtype=jnp.float32, causal=True)[:, 0],
+        attend.dense(q, kk, v, leaky, softcap=2.0, dtype=jnp.float32, causal=False)[:, 0])

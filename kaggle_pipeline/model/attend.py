@@ -28,9 +28,30 @@ def _probs(logits: jax.Array, mask: jax.Array, softcap: float | None, dtype) -> 
     return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
 
+# Self-attention at least this long skips the keys its first half of queries cannot see.
+CAUSAL_SPLIT_MIN = 64
+
+
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-          softcap: float | None, dtype) -> jax.Array:
-    """q [B, T, K, G, H] (scaled), k, v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H]."""
+          softcap: float | None, dtype, causal: bool = False) -> jax.Array:
+    """q [B, T, K, G, H] (scaled), k, v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H].
+
+    causal: the caller's promise that keys are the queries' own tokens (S == T) and the mask
+    hides every later one (mask[t, s] False for s > t). Then the first half of the queries runs
+    against the first half of the keys only: a quarter of the logits is never computed, the
+    same values for every query that sees a key (7% of a CPU train step at 4 x 256). Halves,
+    not finer blocks: more, smaller einsums and the concatenation cost more than they save.
+    """
+    t = q.shape[1]
+    if causal and t == k.shape[1] and t >= CAUSAL_SPLIT_MIN:
+        h = t // 2
+        first = _dense(q[:, :h], k[:, :h], v[:, :h], mask[:, :h, :h], softcap, dtype)
+        second = _dense(q[:, h:], k, v, mask[:, h:], softcap, dtype)
+        return jnp.concatenate([first, second], axis=1)
+    return _dense(q, k, v, mask, softcap, dtype)
+
+
+def _dense(q, k, v, mask, softcap, dtype):
     logits = einsum("BTKGH,BSKH->BTKGS", q, k.astype(q.dtype), "attention")
     probs = _probs(logits, mask, softcap, dtype)
     return einsum("BTKGS,BSKH->BTKGH", probs, v.astype(dtype), "attention").astype(dtype)

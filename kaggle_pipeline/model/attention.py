@@ -101,6 +101,8 @@ class Attention(nn.Module):
             if window is not None:
                 qpos, kpos = positions[:, :, None], key_positions[:, None, :]
                 mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
-            encoded = attend.dense(q, k, v, mask, softcap=c.attn_logit_softcap, dtype=self.dtype)
+            # Training, scoring and prefill attend within the tokens given, causally.
+            encoded = attend.dense(q, k, v, mask, softcap=c.attn_logit_softcap, dtype=self.dtype,
+                                   causal=x.shape[1] > 1)
         encoded = encoded.reshape(b, t, n, h)
         return self._output(encoded), new_cache

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 
 from kaggle_pipeline.model import attend, kv_cache
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
-from kaggle_pipeline.model.layers import DECODE, Adaptation, Einsum, RMSNorm, project
+from kaggle_pipeline.model.layers import (
+    DECODE,
+    Adaptation,
+    Einsum,
+    RMSNorm,
+    gather_positions,
+    project,
+)
 from kaggle_pipeline.model.lora import target
 from kaggle_pipeline.model.precision import einsum
 from kaggle_pipeline.model.rope import apply_rope
@@ -40,8 +47,13 @@ class Attention(nn.Module):
         w = w if row.index is None else w[row.index]
         return project(self, name, row.eqn, x.astype(self.dtype), w, self.adapt)
 
-    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _project(self, x: jax.Array, queries_from: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v of x; q of `queries_from` instead when given (a subset of x's positions)."""
         c = self.config
+        if queries_from is not None:
+            return (self._adapted("q", queries_from), self._adapted("k", x),
+                    self._adapted("v", x))
         if self.has_variable(DECODE, "qkv"):  # decoding: one merged matmul (decode_layout.py)
             y = einsum("BTD,ED->BTE", x.astype(self.dtype), self.get_variable(DECODE, "qkv"))
             b, t = x.shape[:2]
@@ -62,25 +74,32 @@ class Attention(nn.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, read_at: jax.Array | None = None,
                  ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         """x [B, T, D]; positions [B, T]; mask [B, T, T] (which earlier tokens each may see).
 
         With a cache: T > 1 is a prefill from an empty cache (left-padded prompts of `lengths`),
         T == 1 is one decode step that attends over the cache. mask None: the queries run in
         chunks of `self.chunk` (attend.chunked), each chunk's mask made from `segment_ids`.
+        read_at [B, M] (no cache, a mask): queries only at these positions, against every key;
+        returns [B, M, D].
         """
         c = self.config
-        q, k, v = self._project(x)
+        key_positions = positions
+        if read_at is not None:
+            positions = gather_positions(positions, read_at)
+            mask = gather_positions(mask, read_at)
+            q, k, v = self._project(x, gather_positions(x, read_at))
+        else:
+            q, k, v = self._project(x)
         if c.use_qk_norm:
             q = self._query_norm(q)
             k = self._key_norm(k)
         base, scale = c.rope(self.kind)
         q = apply_rope(q, positions, base=base, scale=scale) * c.query_pre_attn_scalar
-        k = apply_rope(k, positions, base=base, scale=scale)
+        k = apply_rope(k, key_positions, base=base, scale=scale)
 
         new_cache = None
-        key_positions = positions
         if cache is not None and x.shape[1] == 1:
             new_cache = kv_cache.write_step(cache, k, v, positions)
             k, v, key_positions = new_cache["k"], new_cache["v"], new_cache["pos"]
@@ -103,6 +122,6 @@ class Attention(nn.Module):
                 mask = mask & (kpos > qpos - window) & (kpos < qpos + window)
             # Training, scoring and prefill attend within the tokens given, causally.
             encoded = attend.dense(q, k, v, mask, softcap=c.attn_logit_softcap, dtype=self.dtype,
-                                   causal=x.shape[1] > 1)
+                                   causal=read_at is None and x.shape[1] > 1)
         encoded = encoded.reshape(b, t, n, h)
         return self._output(encoded), new_cache

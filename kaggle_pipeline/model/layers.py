@@ -44,6 +44,11 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
 
 
+def gather_positions(x: jax.Array, at: jax.Array) -> jax.Array:
+    """x [B, T, ...] at positions `at` [B, M] -> [B, M, ...]."""
+    return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Adaptation:
     """How the LoRA factors a module finds in the `lora` collection are applied."""

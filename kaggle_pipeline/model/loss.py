@@ -42,10 +42,9 @@ LOSS_CHUNK = 128
 def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Array],
                     rngs: dict | None = None, chunk: int = LOSS_CHUNK) -> jax.Array:
     """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid)."""
-    hidden, _ = model.apply(variables, batch["tokens"], batch["positions"], batch["segment_ids"],
-                            return_hidden=True, rngs=rngs)
     src = batch["loss_src"]
-    picked = jnp.take_along_axis(hidden, src[..., None], axis=1)  # B M D
+    picked, _ = model.apply(variables, batch["tokens"], batch["positions"],  # B M D
+                            batch["segment_ids"], return_hidden=True, read_at=src, rngs=rngs)
     labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1)  # B M
     b, m, d = picked.shape
     if m <= chunk:

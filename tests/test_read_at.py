@@ -78,7 +78,7 @@ def test_reading_a_few_positions_equals_gathering_them(family):
     assert early.shape == (2, 5, config.embed_dim)
     np.testing.assert_allclose(early, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(early_grads), jax.tree.leaves(full_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # gradients up to ~70
     # The comparison can fail: another position's output differs.
     _, shifted = _read(model, True, params, lora, *batch[:3], batch[3].at[0, 0].set(5))
     assert not np.allclose(shifted[0, 0], full[0, 0], atol=1e-3)
@@ -97,8 +97,9 @@ def test_the_last_layer_runs_at_the_read_positions_only():
 
 @pytest.mark.parametrize("case", ["scanned", "many positions"])
 def test_where_it_cannot_apply_it_gathers(case):
-    config = tiny_config("gemma3", num_layers=6, sliding_window=5)
     scan = case == "scanned"
+    # Gemma 2's pattern repeats every 2 layers: 2 layers are one scanned group, none unrolled.
+    config = tiny_config("gemma2", num_layers=2 if scan else 3, sliding_window=5)
     params, lora = _variables(config, scan_layers=scan)
     model = Transformer(config, lora_scale=2.0, scan_layers=scan)
     tokens, positions, segments, read_at = _batch(config)
@@ -108,4 +109,4 @@ def test_where_it_cannot_apply_it_gathers(case):
     full_grads, full = _read(model, False, params, lora, tokens, positions, segments, read_at)
     np.testing.assert_allclose(early, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(early_grads), jax.tree.leaves(full_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # gradients up to ~70

@@ -29,6 +29,7 @@ from kaggle_pipeline.inference.prompts import truncate_middle
 from kaggle_pipeline.inference.sampler import Sampler, SamplingConfig, generate_many
 from kaggle_pipeline.model import Transformer, abstract_params
 from kaggle_pipeline.model.config import tiny_config
+from kaggle_pipeline.model.transformer import causal_segment_mask
 from kaggle_pipeline.run_config import PROJECT_DIR, load_config
 from kaggle_pipeline.submission import read_sample
 
@@ -122,6 +123,56 @@ def test_multi_token_label_scores_sum_all_their_tokens(model, variables, tokeniz
             if len(per_token) > 1:  # the later tokens matter: not just the first one's score
                 assert abs(sum(per_token) - per_token[0]) > 1e-2
     assert max(lengths) >= 3  # several labels really are multi-token
+
+
+def test_each_prompt_is_computed_once_for_all_its_labels(model, variables, tokenizer,
+                                                         monkeypatch):
+    """The labels branch off one copy of the prompt: the tokens computed are the prompts once
+    plus every label's tokens (the scores themselves are checked against full forward passes
+    above)."""
+    words = ["긍정", "부정", "잘 모르겠음"]
+    prompts = prompts_of(REVIEWS[:3])
+    computed = []
+    compiled = label_scoring._compiled_logprobs
+
+    def recording(model):
+        fn = compiled(model)
+
+        def call(variables, inputs):
+            computed.append(int((np.asarray(inputs["segment_ids"]) > 0).sum()))
+            return fn(variables, inputs)
+        return call
+
+    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    score_labels(model, variables, tokenizer, prompts, words, seq_len=128, batch_size=4)
+    prompt_tokens = label_tokens = per_label = 0
+    for prompt in prompts:
+        for word in words:
+            ids, targets = label_scoring.encode_with_answer(tokenizer, prompt, word, "chat", True)
+            per_label += int(np.argmax(targets)) + int(targets.sum())
+            label_tokens += int(targets.sum())
+        prompt_tokens += int(np.argmax(targets))
+    assert sum(computed) == prompt_tokens + label_tokens < 0.5 * per_label
+
+
+def test_a_label_branch_sees_the_prompt_and_itself_only():
+    # one example: trunk of 3 tokens, branch 1 of 2 tokens, branch 2 of 1 token; then padding
+    segments = jnp.asarray([[1, 1, 1, 1, 1, 1, 0]])
+    branches = jnp.asarray([[0, 0, 0, 1, 1, 2, 0]])
+    mask = np.asarray(causal_segment_mask(segments, branches))[0]
+    assert mask[4].tolist() == [True, True, True, True, True, False, False]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False]
+    assert mask[2].tolist() == [True, True, True, False, False, False, False]
+    np.testing.assert_array_equal(np.asarray(causal_segment_mask(segments))[0][5],
+                                  [True] * 6 + [False])  # without branches: plain causal
+    # Labels whose prompts differ (not the case for chat prompts) are scored one by one.
+    a = (np.array([5, 6, 7, 8]), np.array([False, False, True, False]))
+    b = (np.array([5, 9, 7, 8]), np.array([False, False, True, False]))
+    assert label_scoring.branched_example([a, b]) is None
+    ids, targets, branches = label_scoring.branched_example([a, a])
+    assert ids.tolist() == [5, 6, 7, 7] and targets.tolist() == [False, False, True, True]
+    assert branches["positions"].tolist() == [0, 1, 2, 2]
+    assert branches["sources"].tolist() == [-1, 0, 1, 1]
 
 
 def test_batching_and_packing_order_do_not_change_scores(model, variables, tokenizer):

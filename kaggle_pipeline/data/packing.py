@@ -46,24 +46,41 @@ def truncate(ids: np.ndarray, targets: np.ndarray, max_len: int) -> tuple[np.nda
     return ids[start:start + max_len], targets[start:start + max_len]
 
 
-def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
+# Per-token arrays a branched example may carry (label scoring: a prompt, then each label's
+# tokens as a branch): its positions, branch ids (0 = trunk) and, for each token, the index
+# in the example of the token that predicts it. Rows then carry `branch_ids` and `sources`.
+BRANCH_KEYS = ("positions", "branch_ids", "sources")
+
+
+def pack(examples: Sequence[tuple], seq_len: int, *,
          pack_rows: bool = True) -> tuple[list[Batch], PackStats]:
     """First-fit-decreasing packing of (ids, targets) pairs into rows of seq_len tokens.
 
-    With pack_rows=False every example gets a row of its own (the padded baseline).
+    An example may be (ids, targets, branches), branches a dict of BRANCH_KEYS arrays; such an
+    example must fit a row whole. With pack_rows=False every example gets a row of its own
+    (the padded baseline).
     """
     stats = PackStats()
     items = []
     origin = []  # index in `examples` of each kept item
-    for index, (ids, targets) in enumerate(examples):
+    branched = any(len(example) == 3 for example in examples)
+    for index, (ids, targets, *rest) in enumerate(examples):
         ids, targets = np.asarray(ids, np.int32), np.asarray(targets, bool)
+        n = len(ids)
+        branches = rest[0] if rest else {
+            "positions": np.arange(n), "branch_ids": np.zeros(n), "sources": np.arange(n) - 1}
         if len(ids) > seq_len:
+            if rest:
+                raise ValueError(f"a branched example of {n} tokens does not fit rows of "
+                                 f"{seq_len}")
             stats.truncated += 1
             ids, targets = truncate(ids, targets, seq_len)
+            branches = {"positions": np.arange(len(ids)), "branch_ids": np.zeros(len(ids)),
+                        "sources": np.arange(len(ids)) - 1}
         if not targets[1:].any():
             stats.dropped += 1
             continue
-        items.append((ids, targets))
+        items.append((ids, targets, branches))
         origin.append(index)
     stats.examples = len(items)
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0])) if pack_rows else \
@@ -85,14 +102,20 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
                                                       ("segment_ids", np.int32),
                                                       ("targets", bool))}
         row["example_index"] = np.full(seq_len, -1, np.int32)
+        if branched:
+            row["branch_ids"] = np.zeros(seq_len, np.int32)
+            row["sources"] = np.zeros(seq_len, np.int32)
         cursor = 0
         for seg, i in enumerate(sorted(members), start=1):
-            ids, targets = items[i]
+            ids, targets, branches = items[i]
             n = len(ids)
             row["tokens"][cursor:cursor + n] = ids
-            row["positions"][cursor:cursor + n] = np.arange(n)
+            row["positions"][cursor:cursor + n] = branches["positions"]
             row["segment_ids"][cursor:cursor + n] = seg
             row["example_index"][cursor:cursor + n] = origin[i]
+            if branched:
+                row["branch_ids"][cursor:cursor + n] = branches["branch_ids"]
+                row["sources"][cursor:cursor + n] = cursor + np.asarray(branches["sources"])
             # The first token of an example is never a target: nothing precedes it in its segment.
             row["targets"][cursor + 1:cursor + n] = targets[1:]
             cursor += n

@@ -1,6 +1,10 @@
 """Classification by label scoring: log p(label words | prompt) for every label, no free
 generation, so a prediction is always a valid label. Labels of several tokens are scored in full.
 
+A prompt is computed once for all its labels: its example is the prompt, then each label's
+tokens as a branch that sees the prompt and itself only (`transformer.causal_segment_mask`),
+each branch at the positions right after the prompt. Two labels cost one prompt, not two.
+
 Memory stays bounded whatever the rows hold: a prompt longer than `max_prompt_len` tokens loses
 its middle (the label part is never cut), and examples are scored in length buckets (rows of
 seq_len, 2·seq_len, 4·seq_len, ... tokens) with fewer rows per batch as the rows get longer, so
@@ -28,7 +32,8 @@ from kaggle_pipeline.inference.prompts import truncate_middle
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row, target_logprobs
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid", "branch_ids",
+              "loss_tgt")
 
 
 class LabelScores(NamedTuple):
@@ -74,6 +79,34 @@ def bucket_width(length: int, seq_len: int, longest: int) -> int:
     return min(width, max(seq_len, -(-longest // 64) * 64))
 
 
+def branched_example(cut: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple | None:
+    """One prompt's (ids, targets) per label -> one example: the prompt, then each label's
+    target tokens as branch 1, 2, ... (packing.BRANCH_KEYS), or None when the labels' prompts
+    differ (then each label is scored as its own example)."""
+    firsts = [int(np.argmax(targets)) for _, targets in cut]
+    prompt = cut[0][0][:firsts[0]]
+    if any(not targets.any() or not np.array_equal(ids[:first], prompt)
+           for (ids, targets), first in zip(cut, firsts, strict=True)):
+        return None
+    n = len(prompt)
+    ids, positions, branch_ids, sources = ([prompt], [np.arange(n)], [np.zeros(n)],
+                                           [np.arange(n) - 1])
+    start = n
+    for branch, ((label_ids, targets), first) in enumerate(zip(cut, firsts, strict=True), 1):
+        label = label_ids[first:first + int(targets[first:].sum())]
+        k = len(label)
+        ids.append(label)
+        positions.append(n + np.arange(k))
+        branch_ids.append(np.full(k, branch))
+        sources.append(np.concatenate([[n - 1], start + np.arange(k - 1)]))
+        start += k
+    ids = np.concatenate(ids).astype(np.int32)
+    targets = np.arange(len(ids)) >= n
+    return ids, targets, {"positions": np.concatenate(positions).astype(np.int32),
+                          "branch_ids": np.concatenate(branch_ids).astype(np.int32),
+                          "sources": np.concatenate(sources).astype(np.int32)}
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_logprobs(model: Transformer):
     return jax.jit(functools.partial(target_logprobs, model))
@@ -90,21 +123,30 @@ def score_labels(model: Transformer, variables: dict, tokenizer: Tokenizer,
     `mesh` the weights are placed by the sharding rules and the rows split over data and fsdp.
     """
     items, cut = [], 0
-    for prompt in prompts:
-        was_cut = False
+    scores_of = []  # per item, the flat (prompt, label) index of each branch (or its one label)
+    for p, prompt in enumerate(prompts):
+        per_label, was_cut = [], False
         for word in label_words:
             ids, targets = encode_with_answer(tokenizer, prompt, word, style, label_only=True)
-            items.append(cut_prompt(ids, targets, max_prompt_len))
-            was_cut |= len(items[-1][0]) < len(ids)
+            per_label.append(cut_prompt(ids, targets, max_prompt_len))
+            was_cut |= len(per_label[-1][0]) < len(ids)
         cut += was_cut
-    longest = max(len(ids) for ids, _ in items)
+        example = branched_example(per_label) if len(label_words) > 1 else None
+        flat = [p * len(label_words) + j for j in range(len(label_words))]
+        if example is not None:
+            items.append(example)
+            scores_of.append(flat)
+        else:
+            items.extend(per_label)
+            scores_of.extend([f] for f in flat)
+    longest = max(len(item[0]) for item in items)
     buckets: dict[int, list[int]] = {}
-    for index, (ids, _) in enumerate(items):
+    for index, (ids, *_) in enumerate(items):
         buckets.setdefault(bucket_width(len(ids), seq_len, longest), []).append(index)
     if mesh is not None:
         variables = placement.place_variables(variables, mesh, model.config)
     logprobs = _compiled_logprobs(model)
-    totals = np.zeros(len(items))
+    totals = np.zeros(len(prompts) * len(label_words))
     bar = progress(len(prompts), desc, unit="prompts")
     done_items, real_tokens, started = 0, 0, time.perf_counter()
     for width in sorted(buckets, reverse=True):  # longest first: the peak memory comes early
@@ -117,16 +159,21 @@ def score_labels(model: Transformer, variables: dict, tokenizer: Tokenizer,
         rows_per_batch = max(1, batch_size * seq_len // width)
         for batch in batches(rows, rows_per_batch, seed=0, epoch=0, shuffle=False):
             batch = add_target_slots(batch, slots)
-            inputs = {k: batch[k] for k in BATCH_KEYS}
+            inputs = {k: batch[k] for k in BATCH_KEYS if k in batch}
             if mesh is not None:
-                inputs = dict(zip(BATCH_KEYS, placement.place_batch(
-                    [inputs[k] for k in BATCH_KEYS], mesh), strict=True))
+                inputs = dict(zip(inputs, placement.place_batch(list(inputs.values()), mesh),
+                                  strict=True))
             lp = np.asarray(logprobs(variables, inputs))
-            owner = np.take_along_axis(batch["example_index"], batch["loss_src"] + 1, axis=1)
+            tgt = batch["loss_tgt"] if "loss_tgt" in batch else batch["loss_src"] + 1
             valid = batch["loss_valid"]
-            np.add.at(totals, np.asarray(members)[owner[valid]], lp[valid])
+            owner = np.asarray(members)[np.take_along_axis(batch["example_index"], tgt,
+                                                           axis=1)[valid]]
+            branch = (np.take_along_axis(batch["branch_ids"], tgt, axis=1)[valid]
+                      if "branch_ids" in batch else np.zeros(len(owner), np.int32))
+            flat = [scores_of[o][max(b - 1, 0)] for o, b in zip(owner, branch, strict=True)]
+            np.add.at(totals, flat, lp[valid])
             in_batch = np.unique(batch["example_index"][batch["example_index"] >= 0])
-            done_items += len(in_batch)
+            done_items += sum(len(scores_of[members[i]]) for i in in_batch)
             real_tokens += int((batch["segment_ids"] > 0).sum())
             bar.set_postfix(tok_s=f"{real_tokens / (time.perf_counter() - started):.0f}")
             bar.update(done_items // len(label_words) - bar.n)

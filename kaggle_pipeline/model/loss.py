@@ -18,19 +18,27 @@ def max_targets_per_row(rows: list[dict[str, np.ndarray]], multiple: int = 8) ->
 
 def add_target_slots(batch: dict[str, np.ndarray], max_targets: int) -> dict[str, np.ndarray]:
     """Per row, the positions that predict a target (i - 1 for target token i), padded to
-    max_targets with index 0 and `loss_valid` False. Host-side, so shapes stay static."""
+    max_targets with index 0 and `loss_valid` False. Host-side, so shapes stay static.
+
+    Branched rows (packing's `sources`: the position that predicts each token) also get
+    `loss_tgt`, the target token's own position, since it is then not always source + 1."""
     targets = batch["targets"]
     b = targets.shape[0]
     src = np.zeros((b, max_targets), np.int32)
+    tgt = np.zeros((b, max_targets), np.int32)
     valid = np.zeros((b, max_targets), bool)
     for row in range(b):
         idx = np.nonzero(targets[row])[0]
         if len(idx) > max_targets:
             raise ValueError(f"row {row} has {len(idx)} target tokens, more than "
                              f"max_targets={max_targets}")
-        src[row, : len(idx)] = idx - 1
+        src[row, : len(idx)] = batch["sources"][row, idx] if "sources" in batch else idx - 1
+        tgt[row, : len(idx)] = idx
         valid[row, : len(idx)] = True
-    return {**batch, "loss_src": src, "loss_valid": valid}
+    slots = {"loss_src": src, "loss_valid": valid}
+    if "sources" in batch:
+        slots["loss_tgt"] = tgt
+    return {**batch, **slots}
 
 
 # Loss positions per row unembedded at once. Past this the logits ([V, rows x positions] f32,
@@ -44,8 +52,11 @@ def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Ar
     """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid)."""
     src = batch["loss_src"]
     picked, _ = model.apply(variables, batch["tokens"], batch["positions"],  # B M D
-                            batch["segment_ids"], return_hidden=True, read_at=src, rngs=rngs)
-    labels = jnp.take_along_axis(batch["tokens"], src + 1, axis=1)  # B M
+                            batch["segment_ids"], return_hidden=True, read_at=src, rngs=rngs,
+                            branch_ids=batch.get("branch_ids"))
+    # The token each slot predicts: the next one, or where `loss_tgt` says (branched rows).
+    tgt = batch["loss_tgt"] if "loss_tgt" in batch else src + 1
+    labels = jnp.take_along_axis(batch["tokens"], tgt, axis=1)  # B M
     b, m, d = picked.shape
     if m <= chunk:
         return _logprobs(model, variables, picked, labels)

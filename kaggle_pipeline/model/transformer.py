@@ -90,13 +90,22 @@ def _maybe_remat(module, policy: str | None):
     return nn.remat(module, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] segment ids (0 = padding) -> [B, T, T]: earlier tokens of the same example."""
+def causal_segment_mask(segment_ids: jax.Array, branch_ids: jax.Array | None = None
+                        ) -> jax.Array:
+    """[B, T] segment ids (0 = padding) -> [B, T, T]: earlier tokens of the same example.
+
+    branch_ids [B, T]: an example may end in branches (label scoring: one prompt, then each
+    label's tokens). A token of branch j > 0 sees the example's trunk (branch 0) and its own
+    branch only; trunk tokens see the trunk."""
     t = segment_ids.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     real = segment_ids[:, None, :] != 0
-    return causal[None] & same & real
+    mask = causal[None] & same & real
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]
+        mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, :, None]))
+    return mask
 
 
 class Transformer(nn.Module):
@@ -137,7 +146,8 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: kv_cache.Cache | None = None, lengths: jax.Array | None = None,
-                 *, return_hidden: bool = False, read_at: jax.Array | None = None):
+                 *, return_hidden: bool = False, read_at: jax.Array | None = None,
+                 branch_ids: jax.Array | None = None):
         """tokens, positions, segment_ids: [B, T] -> (logits [B, T, V] or hidden [B, T, D], cache).
 
         `segment_ids` (0 = padding) keep packed examples from attending to each other.
@@ -148,6 +158,8 @@ class Transformer(nn.Module):
         positions alone (it still makes keys and values at every one), when it is unrolled, the
         attention dense and M at most half of T; otherwise the outputs are computed everywhere
         and gathered. Loss and label scoring read a few positions a row: 5% of a CPU train step.
+        `branch_ids` [B, T]: examples that end in branches (`causal_segment_mask`); attention
+        then runs dense whatever `attention_chunk` says.
         """
         table = self.input_embedding["input_embedding"]
         # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
@@ -155,8 +167,8 @@ class Transformer(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
         # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
         x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
-        chunked = 0 < self.attention_chunk < tokens.shape[1]
-        mask = None if chunked else causal_segment_mask(segment_ids)
+        chunked = 0 < self.attention_chunk < tokens.shape[1] and branch_ids is None
+        mask = None if chunked else causal_segment_mask(segment_ids, branch_ids)
         new_cache = {} if cache is not None else None
         if self.scan_layers and layer_stack.layout(self.config).groups:
             stacked = None if cache is None else layer_stack.stack(cache, self.config)

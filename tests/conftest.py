@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -14,6 +15,20 @@ from kaggle_pipeline.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
+
+
+def packed_layout(lengths: list[tuple[int, ...]], t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions [len(lengths), t] of rows packed with examples of these
+    lengths (segments 1, 2, ..., positions restarting at 0), then padding (segment 0)."""
+    segments = np.zeros((len(lengths), t), np.int32)
+    positions = np.zeros((len(lengths), t), np.int32)
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for s, n in enumerate(row_lengths, start=1):
+            segments[row, start:start + n] = s
+            positions[row, start:start + n] = np.arange(n)
+            start += n
+    return segments, positions
 
 
 @pytest.fixture(scope="session")

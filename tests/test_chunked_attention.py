@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import packed_layout
 
 from kaggle_pipeline.model import Transformer, attend, init_params
 from kaggle_pipeline.model.config import tiny_config
@@ -16,14 +17,7 @@ def _packed(config, t: int):
     """Two rows: several packed examples, then padding (segment 0)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, config.vocab_size, (2, t))
-    segments = np.zeros((2, t), np.int32)
-    positions = np.zeros((2, t), np.int32)
-    for row, lengths in enumerate([(7, 9, 3), (12, 5)]):
-        start = 0
-        for s, n in enumerate(lengths, start=1):
-            segments[row, start:start + n] = s
-            positions[row, start:start + n] = np.arange(n)
-            start += n
+    segments, positions = packed_layout([(7, 9, 3), (12, 5)], t)
     return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
 
 
@@ -103,15 +97,7 @@ def test_causal_split_equals_full_dense_values_and_gradients(t):
     b, k, g, h = 2, 2, 2, 8
     q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                 for shape in ((b, t, k, g, h), (b, t, k, h), (b, t, k, h)))
-    lengths = [(20, 30, t - 55), (t - 3,)]
-    segments = np.zeros((b, t), np.int32)
-    positions = np.zeros((b, t), np.int32)
-    for row, row_lengths in enumerate(lengths):
-        start = 0
-        for s, n in enumerate(row_lengths, start=1):
-            segments[row, start:start + n] = s
-            positions[row, start:start + n] = np.arange(n)
-            start += n
+    segments, positions = packed_layout([(20, 30, t - 55), (t - 3,)], t)
     real = jnp.asarray(segments > 0)
     mask = causal_segment_mask(jnp.asarray(segments))
     qp, kp = jnp.asarray(positions)[:, :, None], jnp.asarray(positions)[:, None, :]
@@ -136,3 +122,33 @@ def test_causal_split_equals_full_dense_values_and_gradients(t):
     assert not np.allclose(
         attend.dense(q, kk, v, leaky, softcap=2.0, dtype=jnp.float32, causal=True)[:, 0],
         attend.dense(q, kk, v, leaky, softcap=2.0, dtype=jnp.float32, causal=False)[:, 0])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_branched_examples_attend_the_same_in_chunks(scan):
+    """Label scoring's branched examples (a prompt, then each label as a branch that sees the
+    prompt and itself only) give the same logits in query chunks as dense, through the
+    unrolled blocks and the layer scan; without the branch rule they would differ."""
+    from kaggle_pipeline.model.layer_stack import stack
+
+    config = tiny_config("gemma2", num_layers=2, sliding_window=4)
+    params = init_params(config, jax.random.key(0))
+    if scan:
+        params = stack(params, config)
+    tokens, _, _ = _packed(config, 22)
+    # row 0: a prompt of 8, branches of 3 and 2 at positions 8-10 and 8-9, then padding
+    segments = jnp.asarray([[1] * 13 + [0] * 9, [1] * 22])
+    branches = jnp.asarray([[0] * 8 + [1] * 3 + [2] * 2 + [0] * 9, [0] * 18 + [1] * 2 + [2] * 2])
+    positions = jnp.asarray([list(range(11)) + [8, 9] + [0] * 9,
+                             list(range(20)) + [18, 19]])
+
+    def logits(chunk, branch_ids):
+        model = Transformer(config, attention_chunk=chunk, scan_layers=scan)
+        return jax.jit(lambda p: model.apply({"params": p}, tokens, positions, segments,
+                                             branch_ids=branch_ids)[0])(params)
+
+    dense = logits(0, branches)
+    real = np.asarray(segments > 0)
+    np.testing.assert_allclose(logits(8, branches)[real], dense[real], atol=1e-5)
+    # The second branch's tokens really do not see the first branch's.
+    assert not np.allclose(logits(8, None)[0, 11:13], dense[0, 11:13], atol=1e-3)

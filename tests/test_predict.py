@@ -125,6 +125,23 @@ def test_multi_token_label_scores_sum_all_their_tokens(model, variables, tokeniz
     assert max(lengths) >= 3  # several labels really are multi-token
 
 
+def _record_scoring_inputs(monkeypatch) -> list[dict]:
+    """The inputs of every call label scoring makes to its compiled function, in order."""
+    calls = []
+    compiled = label_scoring._compiled_logprobs
+
+    def recording(model):
+        fn = compiled(model)
+
+        def call(variables, inputs):
+            calls.append(inputs)
+            return fn(variables, inputs)
+        return call
+
+    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    return calls
+
+
 def test_each_prompt_is_computed_once_for_all_its_labels(model, variables, tokenizer,
                                                          monkeypatch):
     """The labels branch off one copy of the prompt: the tokens computed are the prompts once
@@ -132,19 +149,9 @@ def test_each_prompt_is_computed_once_for_all_its_labels(model, variables, token
     above)."""
     words = ["긍정", "부정", "잘 모르겠음"]
     prompts = prompts_of(REVIEWS[:3])
-    computed = []
-    compiled = label_scoring._compiled_logprobs
-
-    def recording(model):
-        fn = compiled(model)
-
-        def call(variables, inputs):
-            computed.append(int((np.asarray(inputs["segment_ids"]) > 0).sum()))
-            return fn(variables, inputs)
-        return call
-
-    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    calls = _record_scoring_inputs(monkeypatch)
     score_labels(model, variables, tokenizer, prompts, words, seq_len=128, batch_size=4)
+    computed = [int((np.asarray(inputs["segment_ids"]) > 0).sum()) for inputs in calls]
     prompt_tokens = label_tokens = per_label = 0
     for prompt in prompts:
         for word in words:
@@ -230,20 +237,10 @@ def test_one_long_test_review_is_cut_and_scored_without_padding_the_others(
     long_review = ("음식이 정말 맛있고 직원분들도 친절했어요. " * 500)[:10_000]
     prompts = prompts_of([REVIEWS[0], long_review, REVIEWS[1]])
     assert len(encode_prompt(tokenizer, prompts[1])) > 2000
-    shapes = []
-    compiled = label_scoring._compiled_logprobs
-
-    def recording(model):
-        fn = compiled(model)
-
-        def call(variables, inputs):
-            shapes.append(inputs["tokens"].shape)
-            return fn(variables, inputs)
-        return call
-
-    monkeypatch.setattr(label_scoring, "_compiled_logprobs", recording)
+    calls = _record_scoring_inputs(monkeypatch)
     result = score_labels(model, variables, tokenizer, prompts, words, seq_len=32, batch_size=4,
                           max_prompt_len=96)
+    shapes = [inputs["tokens"].shape for inputs in calls]
     assert result.truncated == 1
     # Batches hold at most batch_size x seq_len tokens, and no row is longer than the cut prompt
     # plus its answer (rounded up to 64).

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import packed_layout
 
 from kaggle_pipeline.model import Transformer, init_params
 from kaggle_pipeline.model.config import tiny_config
@@ -23,14 +24,7 @@ def _batch(config):
     repeat (a padded loss slot reads position 0 again)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, config.vocab_size, (2, T))
-    segments = np.zeros((2, T), np.int32)
-    positions = np.zeros((2, T), np.int32)
-    for row, lengths in enumerate([(7, 9, 3), (12, 10)]):
-        start = 0
-        for s, n in enumerate(lengths, start=1):
-            segments[row, start:start + n] = s
-            positions[row, start:start + n] = np.arange(n)
-            start += n
+    segments, positions = packed_layout([(7, 9, 3), (12, 10)], T)
     read_at = np.array([[6, 15, 18, 0, 0], [11, 21, 3, 20, 0]], np.int32)
     return tuple(jnp.asarray(a) for a in (tokens, positions, segments, read_at))
 

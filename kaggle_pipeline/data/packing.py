@@ -46,19 +46,15 @@ def truncate(ids: np.ndarray, targets: np.ndarray, max_len: int) -> tuple[np.nda
     return ids[start:start + max_len], targets[start:start + max_len]
 
 
-# Per-token arrays a branched example may carry (label scoring: a prompt, then each label's
-# tokens as a branch): its positions, branch ids (0 = trunk) and, for each token, the index
-# in the example of the token that predicts it. Rows then carry `branch_ids` and `sources`.
-BRANCH_KEYS = ("positions", "branch_ids", "sources")
-
-
 def pack(examples: Sequence[tuple], seq_len: int, *,
          pack_rows: bool = True) -> tuple[list[Batch], PackStats]:
     """First-fit-decreasing packing of (ids, targets) pairs into rows of seq_len tokens.
 
-    An example may be (ids, targets, branches), branches a dict of BRANCH_KEYS arrays; such an
-    example must fit a row whole. With pack_rows=False every example gets a row of its own
-    (the padded baseline).
+    An example may be (ids, targets, branches): label scoring's prompt, then each label's tokens
+    as a branch. `branches` holds per-token arrays: "positions", "branch_ids" (0 = the prompt)
+    and "sources" (the index in the example of the token that predicts each one). Such an
+    example must fit a row whole, and the rows then carry `branch_ids` and `sources` too.
+    With pack_rows=False every example gets a row of its own (the padded baseline).
     """
     stats = PackStats()
     items = []
@@ -67,16 +63,16 @@ def pack(examples: Sequence[tuple], seq_len: int, *,
     for index, (ids, targets, *rest) in enumerate(examples):
         ids, targets = np.asarray(ids, np.int32), np.asarray(targets, bool)
         n = len(ids)
-        branches = rest[0] if rest else {
-            "positions": np.arange(n), "branch_ids": np.zeros(n), "sources": np.arange(n) - 1}
-        if len(ids) > seq_len:
+        if n > seq_len:
             if rest:
                 raise ValueError(f"a branched example of {n} tokens does not fit rows of "
                                  f"{seq_len}")
             stats.truncated += 1
             ids, targets = truncate(ids, targets, seq_len)
-            branches = {"positions": np.arange(len(ids)), "branch_ids": np.zeros(len(ids)),
-                        "sources": np.arange(len(ids)) - 1}
+            n = len(ids)
+        # An unbranched example is one trunk: positions from 0, each token predicted by the last.
+        branches = rest[0] if rest else {"positions": np.arange(n), "branch_ids": np.zeros(n),
+                                         "sources": np.arange(n) - 1}
         if not targets[1:].any():
             stats.dropped += 1
             continue

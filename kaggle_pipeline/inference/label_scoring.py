@@ -81,8 +81,8 @@ def bucket_width(length: int, seq_len: int, longest: int) -> int:
 
 def branched_example(cut: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple | None:
     """One prompt's (ids, targets) per label -> one example: the prompt, then each label's
-    target tokens as branch 1, 2, ... (packing.BRANCH_KEYS), or None when the labels' prompts
-    differ (then each label is scored as its own example)."""
+    target tokens as branch 1, 2, ... (the per-token arrays `packing.pack` takes), or None when
+    the labels' prompts differ (then each label is scored as its own example)."""
     firsts = [int(np.argmax(targets)) for _, targets in cut]
     prompt = cut[0][0][:firsts[0]]
     if any(not targets.any() or not np.array_equal(ids[:first], prompt)

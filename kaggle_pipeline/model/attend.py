@@ -57,13 +57,24 @@ def _dense(q, k, v, mask, softcap, dtype):
     return einsum("BTKGS,BSKH->BTKGH", probs, v.astype(dtype), "attention").astype(dtype)
 
 
+def same_branch(q_branch: jax.Array, k_branch: jax.Array) -> jax.Array:
+    """[B, C, S]: for examples that end in branches (label scoring: a prompt, then each label's
+    tokens; 0 = the trunk), a key is visible from the trunk or from the query's own branch."""
+    key = k_branch[:, None, :]
+    return (key == 0) | (key == q_branch[:, :, None])
+
+
 def visible(q_index: jax.Array, q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array,
-            k_seg: jax.Array, window: int | None) -> jax.Array:
+            k_seg: jax.Array, window: int | None, q_branch: jax.Array | None = None,
+            k_branch: jax.Array | None = None) -> jax.Array:
     """[B, C, S]: key s is visible from query t: earlier (by index) in the same non-padding
-    segment, and within the sliding window (by position) when there is one."""
+    segment (and branch, `same_branch`, when given), and within the sliding window (by
+    position) when there is one."""
     s = k_seg.shape[-1]
     mask = ((jnp.arange(s)[None, None, :] <= q_index[None, :, None])
             & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0))
+    if q_branch is not None:
+        mask = mask & same_branch(q_branch, k_branch)
     if window is not None:
         qp, kp = q_pos[:, :, None], k_pos[:, None, :]
         mask = mask & (kp > qp - window) & (kp < qp + window)
@@ -72,18 +83,15 @@ def visible(q_index: jax.Array, q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.A
 
 def chunked(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
             segment_ids: jax.Array, *, chunk: int, window: int | None, softcap: float | None,
-            dtype) -> jax.Array:
+            dtype, branch_ids: jax.Array | None = None) -> jax.Array:
     """Self-attention of a whole sequence (keys = queries' tokens) in query chunks of `chunk`:
-    q [B, T, K, G, H], k, v [B, T, K, H], positions and segment_ids [B, T]."""
+    q [B, T, K, G, H], k, v [B, T, K, H], positions, segment_ids and branch_ids [B, T]."""
     b, t = q.shape[:2]
     padded = -(-t // chunk) * chunk
     pad = padded - t
-    if pad:  # padding queries sit in segment 0: masked everywhere, dropped below
-        q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3)
-        q_pos = jnp.pad(positions, ((0, 0), (0, pad)))
-        q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)))
-    else:
-        q_pos, q_seg = positions, segment_ids
+    q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+    # padding queries sit in segment 0: masked everywhere, dropped below
+    q_pos, q_seg = (jnp.pad(x, ((0, 0), (0, pad))) for x in (positions, segment_ids))
     n = padded // chunk
     k = k.astype(q.dtype)
     v = v.astype(dtype)
@@ -93,12 +101,16 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
 
     @jax.checkpoint
     def one(args):
-        qc, index, qp, qs = args
-        mask = visible(index, qp, qs, positions, segment_ids, window)
+        qc, index, qp, qs, *qb = args
+        mask = visible(index, qp, qs, positions, segment_ids, window, *qb,
+                       branch_ids if qb else None)
         probs = _probs(einsum("BTKGH,BSKH->BTKGS", qc, k, "attention"), mask, softcap, dtype)
         return einsum("BTKGS,BSKH->BTKGH", probs, v, "attention").astype(dtype)
 
     index = jnp.arange(padded).reshape(n, chunk)
-    out = jax.lax.map(one, (split(q), index, split(q_pos), split(q_seg)))
+    args = (split(q), index, split(q_pos), split(q_seg))
+    if branch_ids is not None:
+        args += (split(jnp.pad(branch_ids, ((0, 0), (0, pad)))),)
+    out = jax.lax.map(one, args)
     out = jnp.moveaxis(out, 0, 1).reshape(b, padded, *out.shape[3:])
     return out[:, :t]

@@ -75,12 +75,14 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: kv_cache.LayerCache | None = None, lengths: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, read_at: jax.Array | None = None,
+                 branch_ids: jax.Array | None = None,
                  ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         """x [B, T, D]; positions [B, T]; mask [B, T, T] (which earlier tokens each may see).
 
         With a cache: T > 1 is a prefill from an empty cache (left-padded prompts of `lengths`),
         T == 1 is one decode step that attends over the cache. mask None: the queries run in
-        chunks of `self.chunk` (attend.chunked), each chunk's mask made from `segment_ids`.
+        chunks of `self.chunk` (attend.chunked), each chunk's mask made from `segment_ids` (and
+        `branch_ids` for examples that end in branches; the mask already says it otherwise).
         read_at [B, M] (no cache, a mask): queries only at these positions, against every key;
         returns [B, M, D].
         """
@@ -115,7 +117,7 @@ class Attention(nn.Module):
         if mask is None:
             encoded = attend.chunked(q, k, v, positions, segment_ids, chunk=self.chunk,
                                      window=window, softcap=c.attn_logit_softcap,
-                                     dtype=self.dtype)
+                                     dtype=self.dtype, branch_ids=branch_ids)
         else:
             if window is not None:
                 qpos, kpos = positions[:, :, None], key_positions[:, None, :]

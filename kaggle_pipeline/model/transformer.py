@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kaggle_pipeline.model import kv_cache, layer_stack
+from kaggle_pipeline.model import attend, kv_cache, layer_stack
 from kaggle_pipeline.model.attention import Attention
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model.feed_forward import FeedForward
@@ -23,7 +23,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, lengths=None, segment_ids=None,
-                 read_at=None):
+                 read_at=None, branch_ids=None):
         """x [B, T, D] -> [B, T, D]; with `read_at` [B, M] (no cache, a mask), only those
         positions go on past the keys and values: -> [B, M, D]."""
         c = self.config
@@ -31,7 +31,8 @@ class Block(nn.Module):
         norm = dict(eps=c.norm_eps, dtype=self.dtype)
         h = RMSNorm(name="pre_attention_norm", **norm)(x)
         h, cache = Attention(c, self.kind, name="attn", chunk=self.attention_chunk, **lora)(
-            h, positions, mask, cache, lengths, segment_ids, read_at=read_at)
+            h, positions, mask, cache, lengths, segment_ids, read_at=read_at,
+            branch_ids=branch_ids)
         if read_at is not None:
             x = gather_positions(x, read_at)
         x = x + RMSNorm(name="post_attention_norm", **norm)(h).astype(x.dtype)
@@ -53,14 +54,15 @@ class Group(nn.Module):
     attention_chunk: int = 0
 
     @nn.compact
-    def __call__(self, x, cache, positions, mask, lengths, segment_ids):
+    def __call__(self, x, cache, positions, mask, lengths, segment_ids, branch_ids):
         block = _maybe_remat(Block, self.remat_policy)
         new_cache = None if cache is None else {}
         for j, kind in enumerate(self.kinds):
             name = layer_stack.slot_name(j)
             x, layer_cache = block(self.config, kind, dtype=self.dtype, adapt=self.adapt,
                                    attention_chunk=self.attention_chunk, name=name)(
-                x, positions, mask, None if cache is None else cache[name], lengths, segment_ids)
+                x, positions, mask, None if cache is None else cache[name], lengths, segment_ids,
+                None, branch_ids)
             if cache is not None:
                 new_cache[name] = layer_cache
         return x, new_cache
@@ -103,8 +105,7 @@ def causal_segment_mask(segment_ids: jax.Array, branch_ids: jax.Array | None = N
     real = segment_ids[:, None, :] != 0
     mask = causal[None] & same & real
     if branch_ids is not None:
-        key_branch = branch_ids[:, None, :]
-        mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, :, None]))
+        mask = mask & attend.same_branch(branch_ids, branch_ids)
     return mask
 
 
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
         if self.scan_layers and lay.groups:
             group = nn.scan(Group, variable_axes={"params": 0, LORA: 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(0,) + (nn.broadcast,) * 4, length=lay.groups)
+                            in_axes=(0,) + (nn.broadcast,) * 5, length=lay.groups)
             self.stack = group(c, c.attention_kinds[:lay.period], dtype=self.dtype, adapt=adapt,
                                remat_policy=policy or SCAN_KEEPS,
                                attention_chunk=self.attention_chunk, name=layer_stack.STACK)
@@ -158,8 +159,7 @@ class Transformer(nn.Module):
         positions alone (it still makes keys and values at every one), when it is unrolled, the
         attention dense and M at most half of T; otherwise the outputs are computed everywhere
         and gathered. Loss and label scoring read a few positions a row: 5% of a CPU train step.
-        `branch_ids` [B, T]: examples that end in branches (`causal_segment_mask`); attention
-        then runs dense whatever `attention_chunk` says.
+        `branch_ids` [B, T]: examples that end in branches (`attend.same_branch`).
         """
         table = self.input_embedding["input_embedding"]
         # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
@@ -167,13 +167,13 @@ class Transformer(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
         # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
         x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
-        chunked = 0 < self.attention_chunk < tokens.shape[1] and branch_ids is None
+        chunked = 0 < self.attention_chunk < tokens.shape[1]
         mask = None if chunked else causal_segment_mask(segment_ids, branch_ids)
         new_cache = {} if cache is not None else None
         if self.scan_layers and layer_stack.layout(self.config).groups:
             stacked = None if cache is None else layer_stack.stack(cache, self.config)
             x, stacked = self.stack(x, None if stacked is None else stacked[layer_stack.STACK],
-                                    positions, mask, lengths, segment_ids)
+                                    positions, mask, lengths, segment_ids, branch_ids)
             if cache is not None:
                 new_cache = layer_stack.unstack({layer_stack.STACK: stacked}, self.config)
         last = max(self.blocks, default=None)
@@ -184,7 +184,7 @@ class Transformer(nn.Module):
             name = f"layer_{i}"
             x, layer_cache = block(x, positions, mask, None if cache is None else cache[name],
                                    lengths, segment_ids, read_at if early_read and i == last
-                                   else None)
+                                   else None, branch_ids)
             if cache is not None:
                 new_cache[name] = layer_cache
         if read_at is not None and not early_read:

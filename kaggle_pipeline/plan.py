@@ -130,6 +130,7 @@ def make_setup(cfg: RunConfig, config: ModelConfig, devices: list) -> Setup:
         params, mesh, config.transpose_gating_einsum))
     lora = None
     if cfg.lora.enabled:
+        run_setup.check_adapted_layers(cfg.lora, config, cfg.model)
         lora = jax.eval_shape(lambda: init_lora(config, cfg.lora, jax.random.key(0)))
         if cfg.model.scan_layers:
             lora = jax.eval_shape(functools.partial(layer_stack.stack, config=config), lora)

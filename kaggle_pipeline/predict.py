@@ -85,25 +85,41 @@ def validate_classification(model: Transformer, variables: dict, tokenizer: Toke
 
 
 def generate_answers(model: Transformer, variables: dict, tokenizer: Tokenizer, spec: TaskSpec,
-                     examples: Sequence[Example], cfg: RunConfig) -> Answers:
+                     examples: Sequence[Example], cfg: RunConfig,
+                     known: dict[tuple, str] | None = None) -> Answers:
     """The answers to the examples' prompts (and how many prompts were cut), decoded as [task]
-    says (run_setup.sampling_config), on the run's mesh."""
-    return generate(model, variables, tokenizer, spec, examples,
-                    sampling=run_setup.sampling_config(cfg),
-                    max_prompt_len=cfg.data.max_prompt_len, mesh=run_setup.build_mesh(cfg),
-                    seed=cfg.train.seed)
+    says (run_setup.sampling_config), on the run's mesh. `known`: answers already decoded by
+    this model, by prompt; only the other prompts are decoded, and their answers are added."""
+    known = {} if known is None else known
+    new = list({_key(e): e for e in examples if _key(e) not in known}.values())
+    if len(new) < len(examples):
+        log(f"{len(examples) - len(new)} of {len(examples)} prompts were answered already "
+            "(validation): their answers are reused")
+    answers = generate(model, variables, tokenizer, spec, new,
+                       sampling=run_setup.sampling_config(cfg),
+                       max_prompt_len=cfg.data.max_prompt_len, mesh=run_setup.build_mesh(cfg),
+                       seed=cfg.train.seed)
+    known.update(zip(map(_key, new), answers.texts, strict=True))
+    return Answers([known[_key(e)] for e in examples], answers.truncated)
+
+
+def _key(example: Example) -> tuple:
+    """The turns an example's answer is generated from, as a dict key."""
+    return tuple((turn.role, turn.text) for turn in example.prompt)
 
 
 def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenizer,
-                        spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig) -> dict:
+                        spec: TaskSpec, examples: Sequence[Example], cfg: RunConfig,
+                        known: dict[tuple, str] | None = None) -> dict:
     """Generate the validation answers, score them against the references and write them with
     the references to `<run dir>/validation_predictions.csv`. Returns the metrics and that
-    file's path."""
+    file's path. `known`: as for generate_answers."""
     chosen = [e for e in examples if e.answer is not None]
     if not chosen:
         raise ValueError(f"task {spec.name!r}: no validation example has a reference answer")
     log(f"generating {len(chosen)} validation answers")
-    predictions, truncated = generate_answers(model, variables, tokenizer, spec, chosen, cfg)
+    predictions, truncated = generate_answers(model, variables, tokenizer, spec, chosen, cfg,
+                                              known)
     references = [e.answer for e in chosen]
     result = validation.generation_metrics(predictions, references, spec.target_lang)
     result = validation.with_headline(result, spec.metric)
@@ -120,9 +136,11 @@ def validate_generation(model: Transformer, variables: dict, tokenizer: Tokenize
 
 def predict_test(model: Transformer, variables: dict, tokenizer: Tokenizer, spec: TaskSpec,
                  cfg: RunConfig, threshold: float = 0.0, *,
-                 examples: Sequence[Example] | None = None) -> Path:
+                 examples: Sequence[Example] | None = None,
+                 known: dict[tuple, str] | None = None) -> Path:
     """The test file's predictions, written as the submission; returns its path. `examples`:
-    the test file already read (run_setup.read_test), else it is read here."""
+    the test file already read (run_setup.read_test), else it is read here. `known`: answers
+    this model already generated, by prompt (generate_answers)."""
     if examples is None:
         examples = run_setup.read_test(cfg, spec)
     test_paths = run_setup.input_paths(spec, cfg.data.test, "data.test")
@@ -131,7 +149,8 @@ def predict_test(model: Transformer, variables: dict, tokenizer: Tokenizer, spec
         predictions = decide(classification_scores(model, variables, tokenizer, spec, examples,
                                                    cfg).scores, list(spec.label_map), threshold)
     else:
-        predictions = generate_answers(model, variables, tokenizer, spec, examples, cfg).texts
+        predictions = generate_answers(model, variables, tokenizer, spec, examples, cfg,
+                                       known).texts
     first = test_paths[0] if isinstance(test_paths, tuple) else test_paths
     return write_task_submission(spec, first, cfg.output.submissions,
                                  [e.id for e in examples], predictions,
@@ -170,6 +189,7 @@ def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, vari
 
     out: dict = {}
     threshold = 0.0
+    known: dict[tuple, str] = {}  # generation: a validated test prompt is not decoded again
     valid_examples = _capped(valid_examples, cfg, spec)
     if spec.kind == "classification" and valid_examples:
         log(f"scoring {len(valid_examples)} validation examples")
@@ -180,10 +200,10 @@ def evaluate_and_submit(cfg: RunConfig, spec: TaskSpec, model: Transformer, vari
         log(classification_line(result))
     elif spec.kind == "generation" and valid_examples:
         out["validation"] = validate_generation(model, variables, tokenizer, spec,
-                                                valid_examples, cfg)
+                                                valid_examples, cfg, known)
     if cfg.data.test:
         path = predict_test(model, variables, tokenizer, spec, cfg, threshold,
-                            examples=test_examples)
+                            examples=test_examples, known=known)
         out["submission"] = str(path)
         log(f"submission written: {path}")
     report = write_report(

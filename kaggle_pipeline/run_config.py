@@ -89,6 +89,9 @@ class TrainSection:
     # With folds: predict the test set with one model refit on every labelled row (true) or
     # with the mean label scores of the fold models (false).
     refit: bool = False
+    # With lora.last_layers: compute the frozen layers below the adapted ones once for every
+    # packed row, not at every step (training/frozen_prefix.py). False: every step runs them.
+    cache_frozen_layers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,9 @@ class RunConfig:
     data: DataSection = DataSection()
     task: TaskSection = TaskSection()
     # Rank 16 beat rank 8 on out-of-fold accuracy over seeds 0-2 (0.954 against 0.945, RESULTS.md).
-    lora: LoraConfig = LoraConfig(rank=16, alpha=32.0)
+    # The last 9 of the 270M's 18 layers: the same out-of-fold accuracy as every layer in 40%
+    # less training time (RESULTS.md).
+    lora: LoraConfig = LoraConfig(rank=16, alpha=32.0, last_layers=9)
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10,
                                      weight_decay=0.0, clip_norm=1.0)
     train: TrainSection = TrainSection()
@@ -247,6 +252,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "lora.rank": (1, 4096),
     "lora.alpha": (1e-6, 1e6),
     "lora.dropout": (0.0, 0.9),
+    "lora.last_layers": (0, 1 << 16),
     "optim.learning_rate": (1e-9, 1.0),
     "optim.warmup_steps": (0, 1 << 30),
     "optim.weight_decay": (0.0, 10.0),

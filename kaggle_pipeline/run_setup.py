@@ -28,6 +28,7 @@ from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.inference.sampler import SamplingConfig
 from kaggle_pipeline.model import Transformer, init_params, layer_stack, precision, sharding
 from kaggle_pipeline.model.config import ModelConfig, get_config, tiny_config
+from kaggle_pipeline.model.lora import LoraConfig
 from kaggle_pipeline.run_config import ConfigError, ModelSection, RunConfig, resolve_input
 from kaggle_pipeline.training import identity
 
@@ -197,8 +198,20 @@ def transformer(section: ModelSection, config: ModelConfig, mesh=None, **setting
                        attention_chunk=section.attention_chunk, **settings)
 
 
-def place_lora(lora_tree: dict, config: ModelConfig, section: ModelSection, mesh=None) -> dict:
-    """A per-layer LoRA tree (init_lora, an adapter file) in the model's layout, on the mesh."""
+def check_adapted_layers(lora: LoraConfig, config: ModelConfig, section: ModelSection) -> None:
+    """LoRA on some layers only cannot be scanned: the scanned layers share one LoRA shape."""
+    if section.scan_layers and lora.enabled and lora.layers(config.num_layers).start > 0:
+        raise ConfigError(f"lora.last_layers = {lora.last_layers} (LoRA on the last "
+                          f"{lora.last_layers} of {config.num_layers} layers) needs "
+                          "model.scan_layers = false: the scanned layers share one LoRA shape. "
+                          "Set lora.last_layers = 0 to adapt every layer")
+
+
+def place_lora(lora_tree: dict, lora: LoraConfig, config: ModelConfig, section: ModelSection,
+               mesh=None) -> dict:
+    """A per-layer LoRA tree (init_lora, an adapter file, of `lora`'s layers) in the model's
+    layout, on the mesh."""
+    check_adapted_layers(lora, config, section)
     if section.scan_layers:
         lora_tree = layer_stack.stack(lora_tree, config)
     if mesh is None:
@@ -349,6 +362,10 @@ _TRAINING_KEYS = {
 }
 
 
+# Keys added after runs were saved, with the value those runs trained with: recorded only when
+# set otherwise, so an older run's identity still matches.
+_ADDED_KEYS = {"lora.last_layers": 0}
+
 # What predicting compares with the run's identity: the LoRA settings and the task's
 # conversations (batch sizes, dtypes and file formats may change for prediction).
 _PREDICT_PREFIXES = ("lora.", "task.", "data.task", "data.prompt", "model.preset")
@@ -362,8 +379,10 @@ def run_identity(cfg: RunConfig, spec: TaskSpec, *, with_train: bool = True) -> 
     for section, keys in _TRAINING_KEYS.items():
         values = dataclasses.asdict(getattr(cfg, section))
         for key in keys or values:
-            if section != "model" or key not in _MODEL_PATHS:
-                settings[f"{section}.{key}"] = values[key]
+            name = f"{section}.{key}"
+            if (section != "model" or key not in _MODEL_PATHS) and \
+                    _ADDED_KEYS.get(name, ...) != values[key]:
+                settings[name] = values[key]
     train = input_paths(spec, cfg.data.train, "data.train") if with_train else ()
     train = (train,) if isinstance(train, Path) else train
     model = [p for p in (checkpoint_path(cfg.model), tokenizer_file(cfg.model)) if p is not None]
@@ -465,7 +484,7 @@ def load_trained_adapters(cfg: RunConfig, runs: Sequence[RunConfig], style: str 
     for path in trained:
         lora_tree, lora_cfg = load_adapter(path, config)
         variables.append({"params": params,
-                          "lora": place_lora(lora_tree, config, cfg.model, mesh)})
+                          "lora": place_lora(lora_tree, lora_cfg, config, cfg.model, mesh)})
         scale = lora_cfg.scale
     return transformer(cfg.model, config, mesh, lora_scale=scale), variables, tokenizer
 

@@ -47,7 +47,7 @@ from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.run_config import RunConfig, load_config, to_toml
-from kaggle_pipeline.training import identity
+from kaggle_pipeline.training import frozen_prefix, identity
 from kaggle_pipeline.training.optimizer import make_optimizer
 from kaggle_pipeline.training.step import Trainer
 from kaggle_pipeline.training.train_state import Checkpoints
@@ -163,6 +163,8 @@ def check_inputs(cfg: RunConfig, spec: TaskSpec,
     tokenizer = run_setup.load_tokenizer(cfg.model)
     run_setup.check_tokenizer_alone(tokenizer, spec.style)
     mesh = run_setup.build_mesh(cfg)
+    if cfg.model.scan_layers and cfg.lora.last_layers:  # before the model loads
+        run_setup.check_adapted_layers(cfg.lora, run_setup.model_config(cfg.model), cfg.model)
     current = run_setup.check_run_identity(cfg, spec, has_checkpoint=has_checkpoint(cfg.run_dir))
     return train_examples, valid_examples, test_examples, tokenizer, mesh, current
 
@@ -219,16 +221,26 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
     model = run_setup.transformer(cfg.model, config, mesh, lora_scale=lcfg.scale,
                                   lora_dropout=0.0 if full else lcfg.dropout,
                                   deterministic=False)
+    first = frozen_prefix.first_layer(lcfg, config, scan_layers=cfg.model.scan_layers) \
+        if cfg.train.cache_frozen_layers else 0
+    if first and frozen_prefix.stream_bytes(rows, config) > frozen_prefix.HOST_BUDGET_BYTES:
+        log(f"the frozen layers' output would take "
+            f"{frozen_prefix.stream_bytes(rows, config) / 2**30:.1f} GiB of host memory: every "
+            "step runs them instead")
+        first = 0
     trainer = Trainer(model, make_optimizer(cfg.optim, updates), mesh,
                       "full" if full else "lora", seed=cfg.train.seed,
-                      accumulate_steps=accumulate)
+                      accumulate_steps=accumulate, first_layer=first)
     if full:  # trained in f32 (the master copy), whatever the frozen base is stored in
         trainable = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     else:
         trainable = run_setup.place_lora(
-            init_lora(config, lcfg, jax.random.key(cfg.train.seed)), config, cfg.model)
+            init_lora(config, lcfg, jax.random.key(cfg.train.seed)), lcfg, config, cfg.model)
     frozen = {} if full else params
     state = trainer.init_state(trainable)
+    if not full and lcfg.last_layers >= config.num_layers:
+        log(f"lora.last_layers = {lcfg.last_layers}: the model has {config.num_layers} layers, "
+            "every one is adapted")
     log(f"trainable: {count_params(state['trainable']) / 1e6:.3f}M params "
         f"({'full fine-tuning' if full else f'LoRA r={lcfg.rank} on {list(lcfg.targets)}'})")
 
@@ -237,6 +249,13 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
     if restored is not None:
         state = restored
         log(f"resumed from step {int(state['step'])}")
+    if first and int(state["step"]) < total_steps:
+        started = time.time()
+        streams = frozen_prefix.row_streams(model, params, rows, first, cfg.data.batch_size, mesh)
+        rows = [{**row, "stream": stream} for row, stream in zip(rows, streams, strict=True)]
+        log(f"layers 0-{first - 1} take no gradient: their output for the {len(rows)} rows "
+            f"computed once ({time.time() - started:.0f} s); each step runs layers {first}-"
+            f"{config.num_layers - 1}")
     return Run(cfg=cfg, spec=spec, config=config, tokenizer=tokenizer,
                valid_examples=valid_examples, test_examples=test_examples, rows=rows,
                packing=vars(stats) | {"efficiency": stats.efficiency}, trainer=trainer,

@@ -51,7 +51,7 @@ def main() -> None:
     n = jax.device_count()
     cfg = load_config(None, ["model.checkpoint=", f"model.preset={args.preset}",
                              "model.dtype=bfloat16", "model.param_dtype=bfloat16",
-                             "model.scan_layers=true", "train.mesh_data=1",
+                             "model.scan_layers=true", "lora.last_layers=0", "train.mesh_data=1",
                              f"train.mesh_fsdp={n}", f"data.batch_size={args.batch}",
                              f"data.seq_len={args.seq}", "data.loss_on=answer",
                              *args.overrides])
@@ -60,7 +60,8 @@ def main() -> None:
     model = run_setup.transformer(cfg.model, config, mesh, lora_scale=cfg.lora.scale,
                                   deterministic=False)
     trainer = Trainer(model, make_optimizer(cfg.optim, 100), mesh, "lora")
-    lora = run_setup.place_lora(init_lora(config, cfg.lora, jax.random.key(0)), config, cfg.model)
+    lora = run_setup.place_lora(init_lora(config, cfg.lora, jax.random.key(0)), cfg.lora, config,
+                                cfg.model)
     state = trainer.init_state(lora)
     step = trainer.compile_step(state, params)
 

@@ -1,6 +1,7 @@
 """Export: a trained adapter loads into PEFT and a merged checkpoint into transformers with our
 logits; Orbax merged export and our own adapter directory round-trip."""
 
+import dataclasses
 import json
 import os
 
@@ -150,7 +151,8 @@ def test_trained_adapter_loads_in_peft_and_merged_export_in_transformers(family,
     assert _rel_err(ours, _torch_logits(merged_model, tokens, segment_ids), segment_ids) <= 1e-5
 
 
-def test_adapter_for_multimodal_gemma3_adapts_only_the_language_model(tmp_path):
+@pytest.mark.parametrize("last_layers", [0, 1])
+def test_adapter_for_multimodal_gemma3_adapts_only_the_language_model(tmp_path, last_layers):
     text = transformers.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 2},
                                          num_key_value_heads=1, sliding_window=6)
     vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
@@ -167,7 +169,7 @@ def test_adapter_for_multimodal_gemma3_adapts_only_the_language_model(tmp_path):
             param.normal_(0.0, 0.2)
     hf_model.save_pretrained(tmp_path / "base", safe_serialization=True)
     config, params = load_hf(tmp_path / "base")
-    lora_config = LoraConfig(rank=2, alpha=4.0, targets=ALL_TARGETS)
+    lora_config = LoraConfig(rank=2, alpha=4.0, targets=ALL_TARGETS, last_layers=last_layers)
     lora = _random_lora(config, lora_config)
 
     out = export_peft_adapter(lora, lora_config, config, tmp_path / "peft",
@@ -175,13 +177,43 @@ def test_adapter_for_multimodal_gemma3_adapts_only_the_language_model(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf_model, out).eval()
     adapted = {name for name, module in peft_model.named_modules()
                if isinstance(module, peft.tuners.lora.LoraLayer)}
-    assert len(adapted) == config.num_layers * len(ALL_TARGETS)
+    layers = lora_config.layers(config.num_layers)
+    assert len(adapted) == len(layers) * len(ALL_TARGETS)
     assert all(".language_model.layers." in name for name in adapted)  # vision q_proj untouched
+    assert {int(name.split(".layers.")[1].split(".")[0]) for name in adapted} == set(layers)
 
     tokens, segment_ids = _batch(90)
     ours = _our_logits(config, {"params": params, "lora": lora}, lora_config.scale, tokens,
                        segment_ids)
     assert _rel_err(ours, _torch_logits(peft_model, tokens, segment_ids), segment_ids) <= 1e-5
+
+
+def test_adapter_of_the_last_layers_loads_in_peft_with_layers_to_transform(tmp_path):
+    hf_model = _hf_checkpoint("gemma3", tmp_path / "base")
+    config, params = load_hf(tmp_path / "base")
+    lora_config = LoraConfig(rank=2, alpha=4.0, targets=ALL_TARGETS, last_layers=2)
+    lora = _random_lora(config, lora_config)
+    assert sorted(lora) == ["layer_1", "layer_2"]  # of 3
+    out = export_peft_adapter(lora, lora_config, config, tmp_path / "peft")
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["layers_to_transform"] == [1, 2]
+    peft_model = peft.PeftModel.from_pretrained(hf_model, out).eval()
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, module
+               in peft_model.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert adapted == {"1", "2"}
+    tokens, segment_ids = _batch(config.vocab_size)
+    ours = _our_logits(config, {"params": params, "lora": lora}, lora_config.scale, tokens,
+                       segment_ids)
+    assert _rel_err(ours, _torch_logits(peft_model, tokens, segment_ids), segment_ids) <= 1e-5
+    # Our adapter files keep it: read back, the same layers and config.
+    save_adapter(lora, lora_config, tmp_path / "ours")
+    tree, read = load_adapter(tmp_path / "ours", config)
+    assert sorted(tree) == ["layer_1", "layer_2"] and read == lora_config
+    save_adapter(lora, dataclasses.replace(lora_config, last_layers=1), tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=r"bad/lora.safetensors: LoRA tree: factors for "
+                                              r"layers \[1\], but the LoRA config adapts the "
+                                              "last 1 layers only"):
+        load_adapter(tmp_path / "bad", config)
 
 
 def _random_lora(config, lora_config, seed: int = 0, dtype=jnp.float32) -> dict:

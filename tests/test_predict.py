@@ -430,6 +430,37 @@ def test_validate_generation_scores_and_writes_the_validation_answers(model, var
     assert result["n"] == 2 and "tok:char" in result["bleu_signature"]
 
 
+def test_test_prompts_that_were_validated_are_not_decoded_again(model, variables, tokenizer,
+                                                                tmp_path, monkeypatch, capsys):
+    """A test file that holds validation prompts (the emoji config validates on its test file):
+    evaluate_and_submit decodes each prompt once and the submission carries the validation
+    answers."""
+    file = FIXTURES / "aihub_parallel_ko_en.csv"
+    cfg = translation_config(tmp_path, file)
+    spec = run_setup.task_spec(cfg)
+    examples = build_examples(spec, load_records(spec, file).frame)
+    decoded = []
+    real = predict.generate
+
+    def recording(model, variables, tokenizer, spec, examples, **kw):
+        decoded.append([e.id for e in examples])
+        return real(model, variables, tokenizer, spec, examples, **kw)
+
+    monkeypatch.setattr(predict, "generate", recording)
+    test = run_setup.read_test(cfg, spec)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # for the report
+    out = predict.evaluate_and_submit(cfg, spec, model, variables, tokenizer, examples[:2],
+                                      test_examples=test)
+    assert decoded == [["1", "2"], ["3"]]  # the third test row alone was new
+    assert "2 of 3 prompts were answered already (validation)" in capsys.readouterr().out
+    validated = read_sample(Path(out["validation"]["predictions_file"]))
+    submitted = read_sample(Path(out["submission"]))
+    assert submitted["en"].to_list()[:2] == validated["prediction"].fill_null("").to_list()
+    assert submitted["en"].to_list() == real(model, variables, tokenizer, spec, test,
+                                             max_new_tokens=6).texts
+
+
 def test_input_paths_errors_name_the_field():
     with pytest.raises(ValueError, match="data.train: task 'dolly-en-ko' reads two files"):
         run_setup.input_paths(get_task("dolly-en-ko"), "only_english.jsonl", "data.train")

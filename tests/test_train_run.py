@@ -171,6 +171,57 @@ def test_stop_at_max_steps_then_resume_equals_an_unbroken_run(ws, straight, caps
                               ["attn"]["q"]["b"])
 
 
+def test_lora_on_the_last_layers_computes_the_frozen_ones_once_and_resumes_exactly(
+        ws, capsys):
+    """lora.last_layers=2 of tiny-gemma3's 4: factors for layers 2 and 3 only; layers 0-1 run
+    once per row (frozen_prefix), with the losses of the step that runs them every time; a run
+    stopped at step 3 and resumed computes the streams again and equals the unbroken one bit
+    for bit; predict reads the adapter back."""
+    from kaggle_pipeline import predict
+    from kaggle_pipeline.checkpoints.adapter import load_adapter
+
+    capsys.readouterr()
+    last = ["lora.last_layers=2", "train.max_steps=6"]
+    assert train.main(ws.args("last2", *last)) == 0
+    out = capsys.readouterr().out
+    assert "layers 0-1 take no gradient: their output for the 7 rows computed once" in out
+    assert train.main(ws.args("last2-every-step", *last, "train.predict=false",
+                              "train.cache_frozen_layers=false")) == 0
+    assert "computed once" not in capsys.readouterr().out
+    cached, every_step = _metrics(ws.run_dir("last2")), _metrics(ws.run_dir("last2-every-step"))
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in every_step],
+                                                        rel=1e-5)
+    assert len({r["loss"] for r in cached}) == 6
+
+    adapter, lora_config = load_adapter(ws.run_dir("last2") / "adapter")
+    assert sorted(adapter) == ["layer_2", "layer_3"] and lora_config.last_layers == 2
+    resumed_args = ws.args("last2-resumed", "lora.last_layers=2", "train.predict=false")
+    assert train.main([*resumed_args, "train.max_steps=3"]) == 0
+    assert train.main([*resumed_args, "train.max_steps=6"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert [r["loss"] for r in _metrics(ws.run_dir("last2-resumed"))] == [r["loss"]
+                                                                         for r in cached]
+    _assert_trees_equal(_saved_state(ws.run_dir("last2"))["trainable"],
+                        _saved_state(ws.run_dir("last2-resumed"))["trainable"])
+
+    trained = Path(json.loads((ws.run_dir("last2") / "summary.json").read_text())["submission"])
+    again = predict.predict(load_config(None, ws.args("last2", *last)))
+    assert again.read_text(encoding="utf-8") == trained.read_text(encoding="utf-8")
+
+
+def test_lora_last_layers_with_scanned_layers_is_refused_before_the_model_loads(
+        ws, monkeypatch, capsys):
+    """Some layers frozen cannot be scanned; last_layers at least the depth adapts them all."""
+    _no_model(monkeypatch)
+    assert train.main(ws.args("last-scanned", "lora.last_layers=2",
+                              "model.scan_layers=true")) == 2
+    assert capsys.readouterr().err == (
+        "error: lora.last_layers = 2 (LoRA on the last 2 of 4 layers) needs model.scan_layers "
+        "= false: the scanned layers share one LoRA shape. Set lora.last_layers = 0 to adapt "
+        "every layer\n")
+    _nothing_written(ws, "last-scanned")
+
+
 # ----------------------------------------------------------------------------- 2. SIGTERM
 
 
@@ -274,7 +325,8 @@ def test_non_finite_loss_stops_without_saving_it(ws, monkeypatch, capsys, bad_st
     (["nosuch.key=1"], "unknown config section(s) ['nosuch']; known: ['data', 'lora', "
                        "'model', 'optim', 'output', 'task', 'train']"),
     (["train.nosuch=1"], "config section [train]: unknown key(s) ['nosuch']; known: "
-                         "['epochs', 'folds', 'keep', 'max_steps', 'mesh_data', 'mesh_fsdp', "
+                         "['cache_frozen_layers', 'epochs', 'folds', 'keep', 'max_steps', "
+                         "'mesh_data', 'mesh_fsdp', "
                          "'mesh_model', "
                          "'predict', 'refit', 'save_every', 'seed']"),
     (["train.epochs"], "override 'train.epochs': expected section.key=value"),
@@ -364,6 +416,7 @@ rank = 4
 alpha = 24
 dropout = 0.05
 targets = ["q", "v", "gate"]
+last_layers = 3
 
 [optim]
 learning_rate = 3e-5
@@ -388,6 +441,7 @@ mesh_model = 2
 predict = false
 folds = 4
 refit = true
+cache_frozen_layers = false
 
 [output]
 dir = "out"
@@ -633,6 +687,7 @@ def _nothing_written(ws, name):
     ("train.keep=0", "train.keep = 0 is out of range: allowed 1 to 1,000"),
     ("optim.accumulate_steps=0", "optim.accumulate_steps = 0 is out of range: allowed 1 to 65,536"),
     ("lora.rank=0", "lora.rank = 0 is out of range: allowed 1 to 4,096"),
+    ("lora.last_layers=-1", "lora.last_layers = -1 is out of range: allowed 0 to 65,536"),
     ("train.epochs=1.5", "train.epochs: expected an integer, got '1.5'"),
     ("optim.schedule=cosin", "optim.schedule = 'cosin': expected one of 'cosine', 'linear', "
                              "'constant'"),

@@ -48,11 +48,15 @@ def check_lora_tree(lora_tree: Mapping, lora_config: LoraConfig, model_config: M
                 if got is None or tuple(got) != shape:
                     raise ValueError(f"LoRA tree: {layer_name}/{module}/{name}/{which} has shape "
                                      f"{got}, expected {shape}")
-    missing = sorted(set(range(model_config.num_layers)) - set(layers))
+    expected = set(lora_config.layers(model_config.num_layers))
+    missing = sorted(expected - set(layers))
     if missing:
-        # init_lora adapts every layer; exports assume it (PEFT adapts every matching layer).
         raise ValueError(f"LoRA tree: no factors for layers {missing} of the "
                          f"{model_config.num_layers}-layer model")
+    extra = sorted(set(layers) - expected)
+    if extra:
+        raise ValueError(f"LoRA tree: factors for layers {extra}, but the LoRA config adapts "
+                         f"the last {lora_config.last_layers} layers only")
 
 
 def save_adapter(lora_tree: Mapping, lora_config: LoraConfig, path: str | Path) -> Path:
@@ -61,7 +65,8 @@ def save_adapter(lora_tree: Mapping, lora_config: LoraConfig, path: str | Path) 
     tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flatten(lora_tree).items()}
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION,
               "rank": lora_config.rank, "alpha": lora_config.alpha,
-              "dropout": lora_config.dropout, "targets": list(lora_config.targets)}
+              "dropout": lora_config.dropout, "targets": list(lora_config.targets),
+              "last_layers": lora_config.last_layers}
 
     def fill(tmp: Path) -> None:
         save_file(tensors, tmp / ADAPTER_TENSORS)
@@ -97,6 +102,12 @@ def _read_lora_config(file: Path) -> LoraConfig:
             raise CheckpointError(f"{file}: field '{name}' = {value!r} is not "
                                   f"{'a list of names' if kind is tuple else kind.__name__}")
         values[name] = kind(value)
+    # Absent in adapters written before it existed: every layer adapted.
+    last = raw.get("last_layers", 0)
+    if not isinstance(last, int) or isinstance(last, bool) or last < 0:
+        raise CheckpointError(f"{file}: field 'last_layers' = {last!r} is not a count of "
+                              "layers (0: every layer)")
+    values["last_layers"] = last
     try:
         return LoraConfig(**values)
     except ValueError as err:

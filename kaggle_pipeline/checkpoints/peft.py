@@ -46,7 +46,8 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
     check_lora_tree(lora_tree, lora_config, model_config)
     dtype = np.dtype(jnp.dtype(dtype))
     tensors = {}
-    for i in range(model_config.num_layers):
+    adapted = lora_config.layers(model_config.num_layers)
+    for i in adapted:
         modules = lora_tree[f"layer_{i}"]
         for name in lora_config.targets:
             row = TARGETS[name]
@@ -59,10 +60,12 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(peft_b, dtype)
 
     modules = [TARGETS[t].hf_module.split(".")[1] for t in lora_config.targets]
+    some_layers = len(adapted) < model_config.num_layers
     if layers_prefix == "model.":
         target_modules: list[str] | str = modules
-    else:
-        target_modules = rf"{re.escape(layers_prefix)}layers\.\d+\.(self_attn|mlp)\." \
+    else:  # a regex, which PEFT matches alone (it then ignores layers_to_transform)
+        numbers = "|".join(map(str, adapted)) if some_layers else r"\d+"
+        target_modules = rf"{re.escape(layers_prefix)}layers\.({numbers})\.(self_attn|mlp)\." \
                          rf"({'|'.join(modules)})"
     alpha = lora_config.alpha
     adapter_config = {
@@ -75,8 +78,9 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": lora_config.dropout,
         "target_modules": target_modules,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": list(adapted) if some_layers and layers_prefix == "model."
+        else None,
+        "layers_pattern": "layers" if some_layers and layers_prefix == "model." else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "fan_in_fan_out": False,

@@ -84,6 +84,10 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ATTENTION_TARGETS
+    # Adapt only the last N decoder layers (0, or N at least the model's depth: every layer).
+    # The layers below take no gradient: the backward pass stops at the first adapted layer
+    # (PEFT's layers_to_transform).
+    last_layers: int = 0
 
     def __post_init__(self):
         unknown = set(self.targets) - set(TARGETS)
@@ -94,6 +98,15 @@ class LoraConfig:
             raise ValueError("LoRA needs at least one target")
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if self.last_layers < 0:
+            raise ValueError(f"LoRA last_layers must be 0 (every layer) or more, got "
+                             f"{self.last_layers}")
+
+    def layers(self, num_layers: int) -> range:
+        """The indices of the adapted layers of a `num_layers`-layer model."""
+        if self.last_layers == 0:
+            return range(num_layers)
+        return range(max(0, num_layers - self.last_layers), num_layers)
 
     @property
     def scale(self) -> float:
@@ -108,7 +121,7 @@ def init_lora(config: ModelConfig, lora: LoraConfig, rng: jax.Array,
               dtype: jnp.dtype = jnp.float32) -> dict:
     """A random, B = 0 so the adapted model starts exactly at the base model."""
     tree: dict = {}
-    for i in range(config.num_layers):
+    for i in lora.layers(config.num_layers):
         layer: dict = {}
         for name in lora.targets:
             rng, key = jax.random.split(rng)

@@ -48,12 +48,15 @@ LOSS_CHUNK = 128
 
 
 def target_logprobs(model: Transformer, variables: dict, batch: dict[str, jax.Array],
-                    rngs: dict | None = None, chunk: int = LOSS_CHUNK) -> jax.Array:
-    """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid)."""
+                    rngs: dict | None = None, chunk: int = LOSS_CHUNK, *,
+                    first_layer: int = 0) -> jax.Array:
+    """log p(target token) at each slot of `loss_src`: [B, M] (garbage where not loss_valid).
+    `first_layer` > 0: the batch's `stream` is the residual stream entering that layer."""
     src = batch["loss_src"]
+    start = {"stream": batch["stream"], "first_layer": first_layer} if first_layer else {}
     picked, _ = model.apply(variables, batch["tokens"], batch["positions"],  # B M D
                             batch["segment_ids"], return_hidden=True, read_at=src, rngs=rngs,
-                            branch_ids=batch.get("branch_ids"))
+                            branch_ids=batch.get("branch_ids"), **start)
     # The token each slot predicts: the next one, or where `loss_tgt` says (branched rows).
     tgt = batch["loss_tgt"] if "loss_tgt" in batch else src + 1
     labels = jnp.take_along_axis(batch["tokens"], tgt, axis=1)  # B M
@@ -82,8 +85,9 @@ def _logprobs(model: Transformer, variables: dict, picked: jax.Array, labels: ja
 
 
 def sequence_loss(model: Transformer, variables: dict, batch: dict[str, jax.Array],
-                  rngs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+                  rngs: dict | None = None, *, first_layer: int = 0
+                  ) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of target tokens) for one batch."""
-    token_loss = -target_logprobs(model, variables, batch, rngs)
+    token_loss = -target_logprobs(model, variables, batch, rngs, first_layer=first_layer)
     valid = batch["loss_valid"]
     return jnp.sum(jnp.where(valid, token_loss, 0.0)), jnp.sum(valid)

@@ -148,7 +148,8 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: kv_cache.Cache | None = None, lengths: jax.Array | None = None,
                  *, return_hidden: bool = False, read_at: jax.Array | None = None,
-                 branch_ids: jax.Array | None = None):
+                 branch_ids: jax.Array | None = None, stop_before: int | None = None,
+                 stream: jax.Array | None = None, first_layer: int = 0):
         """tokens, positions, segment_ids: [B, T] -> (logits [B, T, V] or hidden [B, T, D], cache).
 
         `segment_ids` (0 = padding) keep packed examples from attending to each other.
@@ -160,13 +161,25 @@ class Transformer(nn.Module):
         attention dense and M at most half of T; otherwise the outputs are computed everywhere
         and gathered. Loss and label scoring read a few positions a row: 5% of a CPU train step.
         `branch_ids` [B, T]: examples that end in branches (`attend.same_branch`).
+        `stop_before`: return the residual stream entering that layer ([B, T, D] f32) alone.
+        `stream`, `first_layer`: start from that stream, entering layer `first_layer`, instead
+        of the tokens' embeddings (the frozen layers below computed once: training/
+        frozen_prefix.py). Both need the layers unrolled.
         """
-        table = self.input_embedding["input_embedding"]
-        # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
-        # output to it in f32 (a bf16 stream is what makes bf16 logits drift: BENCHMARKS.md).
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
-        # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
-        x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
+        if (stop_before is not None or first_layer) and self.scan_layers:
+            raise ValueError("stop_before and first_layer need unrolled layers "
+                             "(scan_layers = False)")
+        if (stream is None) != (first_layer == 0):
+            raise ValueError("give `stream` and `first_layer` > 0 together")
+        if stream is None:
+            table = self.input_embedding["input_embedding"]
+            # The residual stream stays f32 whatever the compute dtype: each block adds its bf16
+            # output to it in f32 (a bf16 stream is what makes bf16 logits drift: BENCHMARKS.md).
+            x = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(jnp.float32)
+            # The official code multiplies by sqrt(embed_dim) rounded to the compute dtype.
+            x = x * jnp.sqrt(self.config.embed_dim).astype(self.dtype).astype(jnp.float32)
+        else:
+            x = stream.astype(jnp.float32)
         chunked = 0 < self.attention_chunk < tokens.shape[1]
         mask = None if chunked else causal_segment_mask(segment_ids, branch_ids)
         new_cache = {} if cache is not None else None
@@ -181,6 +194,10 @@ class Transformer(nn.Module):
                       and last == self.config.num_layers - 1
                       and 2 * read_at.shape[1] <= tokens.shape[1])
         for i, block in self.blocks.items():
+            if i == stop_before:
+                return x
+            if i < first_layer:
+                continue
             name = f"layer_{i}"
             x, layer_cache = block(x, positions, mask, None if cache is None else cache[name],
                                    lengths, segment_ids, read_at if early_read and i == last

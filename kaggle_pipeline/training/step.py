@@ -35,6 +35,9 @@ class Trainer:
     mode: str  # "lora" | "full"
     seed: int = 0
     accumulate_steps: int = 1  # micro-batches per update: the optimizer's, said again here
+    # > 0: batches carry `stream`, the residual stream entering this layer, computed once for
+    # the frozen layers below it (training/frozen_prefix.py); the step runs the layers above.
+    first_layer: int = 0
 
     def variables(self, trainable: dict, frozen: dict) -> dict:
         if self.mode == "lora":
@@ -81,7 +84,8 @@ class Trainer:
             rngs = {"dropout": jax.random.fold_in(dropout_key, state["step"])}
 
             def loss_fn(trainable):
-                total, count = sequence_loss(model, self.variables(trainable, frozen), batch, rngs)
+                total, count = sequence_loss(model, self.variables(trainable, frozen), batch,
+                                             rngs, first_layer=self.first_layer)
                 return total * batch["loss_scale"][0], (total, count)
 
             (_, (total, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -96,10 +100,13 @@ class Trainer:
 
         state_sh = self.state_shardings(state)
         frozen_sh = self.frozen_shardings(frozen)
-        batch_sh = {k: shd.batch_sharding(self.mesh) for k in STEP_KEYS}
+        batch_sh = {k: shd.batch_sharding(self.mesh) for k in self._step_keys()}
         return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, shd.replicated(self.mesh)),
                        donate_argnums=(0,))
+
+    def _step_keys(self) -> tuple[str, ...]:
+        return STEP_KEYS + (("stream",) if self.first_layer else ())
 
     def put_batch(self, batch: dict, update_tokens: int | None = None) -> dict:
         """The global batch as sharded arrays. `update_tokens`: the target tokens of all the
@@ -114,6 +121,6 @@ class Trainer:
         if update_tokens is None:  # as if every micro-batch of the update held as many
             update_tokens = int(np.sum(batch["loss_valid"])) * self.accumulate_steps
         scale = self.accumulate_steps / max(update_tokens, 1)
-        arrays = {k: batch[k] for k in BATCH_KEYS}
+        arrays = {k: batch[k] for k in BATCH_KEYS + (("stream",) if self.first_layer else ())}
         arrays["loss_scale"] = np.full(batch["tokens"].shape[:1], scale, np.float32)
         return shd.global_batch_to_arrays(arrays, shd.batch_sharding(self.mesh))

@@ -238,11 +238,14 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
             init_lora(config, lcfg, jax.random.key(cfg.train.seed)), lcfg, config, cfg.model)
     frozen = {} if full else params
     state = trainer.init_state(trainable)
+    adapted = lcfg.layers(config.num_layers)
     if not full and lcfg.last_layers >= config.num_layers:
         log(f"lora.last_layers = {lcfg.last_layers}: the model has {config.num_layers} layers, "
             "every one is adapted")
+    where = "" if len(adapted) == config.num_layers else \
+        f" of layers {adapted.start}-{adapted.stop - 1}"
     log(f"trainable: {count_params(state['trainable']) / 1e6:.3f}M params "
-        f"({'full fine-tuning' if full else f'LoRA r={lcfg.rank} on {list(lcfg.targets)}'})")
+        f"({'full fine-tuning' if full else f'LoRA r={lcfg.rank} on {list(lcfg.targets)}{where}'})")
 
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep)
     restored = checkpoints.restore_latest(state, trainer.state_shardings(state))

@@ -21,8 +21,6 @@ from kaggle_pipeline.model import sharding as shd
 from kaggle_pipeline.model.loss import sequence_loss
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
-# Set by `put_batch`: per row (all equal), what the summed token loss is multiplied by.
-STEP_KEYS = BATCH_KEYS + ("loss_scale",)
 
 
 @dataclasses.dataclass
@@ -105,8 +103,13 @@ class Trainer:
                        out_shardings=(state_sh, shd.replicated(self.mesh)),
                        donate_argnums=(0,))
 
+    def _batch_keys(self) -> tuple[str, ...]:
+        return BATCH_KEYS + (("stream",) if self.first_layer else ())
+
     def _step_keys(self) -> tuple[str, ...]:
-        return STEP_KEYS + (("stream",) if self.first_layer else ())
+        # loss_scale, set by `put_batch`: per row (all equal), what the summed token loss is
+        # multiplied by.
+        return self._batch_keys() + ("loss_scale",)
 
     def put_batch(self, batch: dict, update_tokens: int | None = None) -> dict:
         """The global batch as sharded arrays. `update_tokens`: the target tokens of all the
@@ -121,6 +124,6 @@ class Trainer:
         if update_tokens is None:  # as if every micro-batch of the update held as many
             update_tokens = int(np.sum(batch["loss_valid"])) * self.accumulate_steps
         scale = self.accumulate_steps / max(update_tokens, 1)
-        arrays = {k: batch[k] for k in BATCH_KEYS + (("stream",) if self.first_layer else ())}
+        arrays = {k: batch[k] for k in self._batch_keys()}
         arrays["loss_scale"] = np.full(batch["tokens"].shape[:1], scale, np.float32)
         return shd.global_batch_to_arrays(arrays, shd.batch_sharding(self.mesh))

@@ -223,10 +223,10 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
                                   deterministic=False)
     first = frozen_prefix.first_layer(lcfg, config, scan_layers=cfg.model.scan_layers) \
         if cfg.train.cache_frozen_layers else 0
-    if first and frozen_prefix.stream_bytes(rows, config) > frozen_prefix.HOST_BUDGET_BYTES:
-        log(f"the frozen layers' output would take "
-            f"{frozen_prefix.stream_bytes(rows, config) / 2**30:.1f} GiB of host memory: every "
-            "step runs them instead")
+    stream_bytes = frozen_prefix.stream_bytes(rows, config) if first else 0
+    if stream_bytes > frozen_prefix.HOST_BUDGET_BYTES:
+        log(f"the frozen layers' output would take {stream_bytes / 2**30:.1f} GiB of host "
+            "memory: every step runs them instead")
         first = 0
     trainer = Trainer(model, make_optimizer(cfg.optim, updates), mesh,
                       "full" if full else "lora", seed=cfg.train.seed,

@@ -12,6 +12,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 from kaggle_pipeline.data.tokenizer import Tokenizer
+from kaggle_pipeline.model.lora import init_lora
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
@@ -29,6 +30,15 @@ def packed_layout(lengths: list[tuple[int, ...]], t: int) -> tuple[np.ndarray, n
             positions[row, start:start + n] = np.arange(n)
             start += n
     return segments, positions
+
+
+def lora_with_values(config, lora_config) -> dict:
+    """init_lora's factors (key 1) with every A and B drawn afresh (key 2): B = 0, as init_lora
+    makes it, would hide the adapter and make every gradient of A vanish."""
+    leaves, tree = jax.tree.flatten(init_lora(config, lora_config, jax.random.key(1)))
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    return jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape)
+                                     for k, x in zip(keys, leaves, strict=True)])
 
 
 @pytest.fixture(scope="session")

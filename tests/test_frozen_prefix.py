@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import packed_layout
+from conftest import lora_with_values, packed_layout
 
 from kaggle_pipeline.data.packing import batches, pack
 from kaggle_pipeline.model import Transformer, init_params
@@ -31,14 +31,6 @@ def _inputs(config):
     return tokens, jnp.asarray(positions), jnp.asarray(segments)
 
 
-def _lora(config):
-    lora = init_lora(config, LORA, jax.random.key(1))
-    leaves, tree = jax.tree.flatten(lora)  # B = 0 would hide the adapter: give B values
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    return jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape)
-                                     for k, x in zip(keys, leaves, strict=True)])
-
-
 def test_only_the_last_layers_get_factors():
     config = tiny_config("gemma3", num_layers=4)
     assert sorted(init_lora(config, LORA, jax.random.key(0))) == ["layer_2", "layer_3"]
@@ -52,7 +44,7 @@ def test_only_the_last_layers_get_factors():
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_starting_from_the_stored_stream_equals_a_full_pass(family):
     config = tiny_config(family, num_layers=4, sliding_window=5)
-    params, lora = init_params(config, jax.random.key(0)), _lora(config)
+    params, lora = init_params(config, jax.random.key(0)), lora_with_values(config, LORA)
     model = Transformer(config, lora_scale=2.0)
     tokens, positions, segments = _inputs(config)
 

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import packed_layout
+from conftest import lora_with_values, packed_layout
 
 from kaggle_pipeline.model import Transformer, init_params
 from kaggle_pipeline.model.config import tiny_config
 from kaggle_pipeline.model.layer_stack import stack
-from kaggle_pipeline.model.lora import LoraConfig, init_lora
+from kaggle_pipeline.model.lora import LoraConfig
 
 T = 24
 
@@ -31,14 +31,8 @@ def _batch(config):
 
 def _variables(config, scan_layers=False):
     params = init_params(config, jax.random.key(0))
-    lora = init_lora(config, LoraConfig(rank=4, alpha=8, targets=("q", "k", "v", "o", "gate",
-                                                                  "up", "down")),
-                     jax.random.key(1))
-    # B = 0 would make every LoRA gradient of A vanish: give B values.
-    leaves, tree = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    lora = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape)
-                                     for k, x in zip(keys, leaves, strict=True)])
+    lora = lora_with_values(config, LoraConfig(rank=4, alpha=8, targets=(
+        "q", "k", "v", "o", "gate", "up", "down")))
     if scan_layers:
         params, lora = stack(params, config), stack(lora, config)
     return params, lora

@@ -61,9 +61,11 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
 
     modules = [TARGETS[t].hf_module.split(".")[1] for t in lora_config.targets]
     some_layers = len(adapted) < model_config.num_layers
+    # PEFT honours layers_to_transform for a list of module names, not for a regex.
+    listed = list(adapted) if some_layers and layers_prefix == "model." else None
     if layers_prefix == "model.":
         target_modules: list[str] | str = modules
-    else:  # a regex, which PEFT matches alone (it then ignores layers_to_transform)
+    else:  # a regex, which names the layers itself
         numbers = "|".join(map(str, adapted)) if some_layers else r"\d+"
         target_modules = rf"{re.escape(layers_prefix)}layers\.({numbers})\.(self_attn|mlp)\." \
                          rf"({'|'.join(modules)})"
@@ -78,9 +80,8 @@ def export_peft_adapter(lora_tree: Mapping, lora_config: LoraConfig, model_confi
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": lora_config.dropout,
         "target_modules": target_modules,
-        "layers_to_transform": list(adapted) if some_layers and layers_prefix == "model."
-        else None,
-        "layers_pattern": "layers" if some_layers and layers_prefix == "model." else None,
+        "layers_to_transform": listed,
+        "layers_pattern": "layers" if listed else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "fan_in_fan_out": False,

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from kaggle_pipeline.data.packing import batches
 from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.model import sharding as shd
 from kaggle_pipeline.model.config import ModelConfig
@@ -55,12 +56,8 @@ def row_streams(model: Transformer, params: dict, rows: Sequence[dict], layer: i
                            stop_before=layer)
 
     out = []
-    for start in range(0, len(rows), batch_size):
-        chosen = list(rows[start:start + batch_size])
-        real = len(chosen)
-        chosen += [{k: np.zeros_like(chosen[0][k]) for k in ROW_KEYS}] * (batch_size - real)
-        arrays = {k: np.stack([r[k] for r in chosen]) for k in ROW_KEYS}
-        placed = shd.global_batch_to_arrays(arrays, shd.batch_sharding(mesh))
-        stream = below(params, placed["tokens"], placed["positions"], placed["segment_ids"])
-        out.append(np.asarray(jax.device_get(stream))[:real])
-    return np.concatenate(out)
+    for batch in batches(list(rows), batch_size, seed=0, epoch=0, shuffle=False):
+        placed = shd.global_batch_to_arrays({k: batch[k] for k in ROW_KEYS},
+                                            shd.batch_sharding(mesh))
+        out.append(np.asarray(jax.device_get(below(params, *(placed[k] for k in ROW_KEYS)))))
+    return np.concatenate(out)[:len(rows)]

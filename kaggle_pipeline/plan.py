@@ -35,7 +35,7 @@ from kaggle_pipeline.model.lora import init_lora
 from kaggle_pipeline.model.loss import target_logprobs
 from kaggle_pipeline.run_config import RunConfig, load_config
 from kaggle_pipeline.training.optimizer import make_optimizer
-from kaggle_pipeline.training.step import BATCH_KEYS, Trainer
+from kaggle_pipeline.training.step import Trainer
 
 EXIT_DOES_NOT_FIT = 3
 GIB = 2**30
@@ -93,11 +93,6 @@ def target_devices(name: str) -> tuple[list, int]:
     return devices, host // len(devices)  # CPU devices share the host's memory
 
 
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
 def _batch(rows: int, length: int, targets: int, mesh) -> dict:
     sh = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sh)
@@ -126,7 +121,7 @@ def make_setup(cfg: RunConfig, config: ModelConfig, devices: list) -> Setup:
     mesh = run_setup.build_mesh(cfg, devices)
     param_dtype = run_setup.dtypes(cfg.model, mesh)[1]
     params = abstract_params(config, param_dtype, cfg.model.scan_layers)
-    params = _with_shardings(params, sharding.param_shardings(
+    params = sharding.placed_shapes(params, sharding.param_shardings(
         params, mesh, config.transpose_gating_einsum))
     lora = None
     if cfg.lora.enabled:
@@ -134,7 +129,7 @@ def make_setup(cfg: RunConfig, config: ModelConfig, devices: list) -> Setup:
         lora = jax.eval_shape(lambda: init_lora(config, cfg.lora, jax.random.key(0)))
         if cfg.model.scan_layers:
             lora = jax.eval_shape(functools.partial(layer_stack.stack, config=config), lora)
-        lora = _with_shardings(lora, sharding.param_shardings(
+        lora = sharding.placed_shapes(lora, sharding.param_shardings(
             lora, mesh, config.transpose_gating_einsum))
     return Setup(cfg, config, mesh, params, lora)
 
@@ -150,10 +145,7 @@ def lower_train(s: Setup, targets: int):
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), s.params)
     state = trainer.abstract_state(trainable)
     frozen = s.params if cfg.lora.enabled else {}
-    batch = _batch(cfg.data.batch_size, cfg.data.seq_len, targets, s.mesh)
-    batch["loss_scale"] = jax.ShapeDtypeStruct((cfg.data.batch_size,), jnp.float32,
-                                               sharding=sharding.batch_sharding(s.mesh))
-    assert set(batch) == set(BATCH_KEYS) | {"loss_scale"}
+    batch = trainer.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, targets)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     return trainer.compile_step(state, frozen).lower(state, frozen, batch), tokens
 
@@ -176,7 +168,7 @@ def lower_decode(s: Setup):
     rows = cfg.data.batch_size
     cache = jax.eval_shape(functools.partial(init_cache, s.config, rows,
                                              cfg.data.seq_len + MAX_NEW_TOKENS, model.dtype))
-    cache = _with_shardings(cache, sharding.cache_shardings(cache, s.mesh))
+    cache = sharding.placed_shapes(cache, sharding.cache_shardings(cache, s.mesh))
     rows_sh = sharding.batch_sharding(s.mesh)
     token = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=rows_sh)
 

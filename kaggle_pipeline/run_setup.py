@@ -321,12 +321,15 @@ def model_config(section: ModelSection) -> ModelConfig:
     return read_config(path)
 
 
-def load_model(section: ModelSection, *, seed: int = 0, mesh=None) -> tuple[ModelConfig, dict]:
+def load_model(section: ModelSection, *, seed: int = 0, mesh=None,
+               config: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """(config, params) in model.param_dtype and the model's layout (stacked with
-    scan_layers); on `mesh`, every tensor is placed on its sharding as it is read."""
+    scan_layers); on `mesh`, every tensor is placed on its sharding as it is read. `config`:
+    what `model_config` said, when the caller asked it first (the checkpoint's shapes are
+    checked against it)."""
     dtype = dtypes(section, mesh)[1]
     path = checkpoint_path(section)
-    preset = _preset(section.preset) if section.preset else None
+    preset = config or (_preset(section.preset) if section.preset else None)
     if path is None:
         if preset is None:
             raise ConfigError("model.checkpoint is empty: set model.preset to start from random "

@@ -27,6 +27,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import jax
@@ -42,12 +44,13 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.files import write_text_atomically
 from kaggle_pipeline.inference.label_scoring import answer_only
-from kaggle_pipeline.model import Transformer, layer_stack, sharding
+from kaggle_pipeline.model import Transformer, abstract_params, layer_stack, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
 from kaggle_pipeline.run_config import RunConfig, load_config, to_toml
 from kaggle_pipeline.training import frozen_prefix, identity
+from kaggle_pipeline.training.background_compile import compile_in_background
 from kaggle_pipeline.training.optimizer import make_optimizer
 from kaggle_pipeline.training.step import Trainer
 from kaggle_pipeline.training.train_state import Checkpoints
@@ -134,6 +137,8 @@ class Run:
     rows: list[dict]
     packing: dict
     trainer: Trainer
+    step_fn: Callable  # the jitted step (Trainer.compile_step)
+    step_compiled: Future  # its compilation for the run's shapes, started in `prepare`
     frozen: dict
     state: dict
     checkpoints: Checkpoints
@@ -169,20 +174,57 @@ def check_inputs(cfg: RunConfig, spec: TaskSpec,
     return train_examples, valid_examples, test_examples, tokenizer, mesh, current
 
 
-def load_base(cfg: RunConfig, mesh=None) -> tuple[ModelConfig, dict]:
+def load_base(cfg: RunConfig, mesh=None, config: ModelConfig | None = None
+              ) -> tuple[ModelConfig, dict]:
     """The frozen base model's (config, params), each tensor placed on `mesh` (default: the
-    run's mesh) as it is read."""
+    run's mesh) as it is read. `config`: the model's config when already read
+    (`run_setup.model_config`)."""
     mesh = run_setup.build_mesh(cfg) if mesh is None else mesh
     compute_dtype, param_dtype = run_setup.dtypes(cfg.model, mesh)
     log(f"loading model {cfg.model.checkpoint or cfg.model.preset} onto mesh "
         f"{dict(mesh.shape)} (params as {param_dtype.name}, compute in {compute_dtype.name})")
-    return run_setup.load_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
+    return run_setup.load_model(cfg.model, seed=cfg.train.seed, mesh=mesh, config=config)
+
+
+def start_compiling(cfg: RunConfig, config: ModelConfig, trainer: Trainer, first: int,
+                    target_width: int) -> tuple[Callable, Future, Callable | None, Future | None]:
+    """Starts compiling, on another thread, the programs the run calls, for their arguments'
+    shapes (the weights as the loader will place them): the frozen layers' (`first` > 0) first,
+    since it runs first, then the train step. Returns (the jitted step, its compilation, the
+    jitted frozen layers or None, their compilation or None)."""
+    full, mesh = not cfg.lora.enabled, trainer.mesh
+    param_dtype = run_setup.dtypes(cfg.model, mesh)[1]
+    params_shapes = abstract_params(config, param_dtype, cfg.model.scan_layers)
+    params_shapes = sharding.placed_shapes(params_shapes,
+                                           trainer.frozen_shardings(params_shapes))
+    below, below_compiled = None, None
+    if first:
+        below = frozen_prefix.below_fn(trainer.model, first)
+        below_compiled = compile_in_background(below, params_shapes, *frozen_prefix.abstract_rows(
+            cfg.data.batch_size, cfg.data.seq_len, mesh))
+    if full:  # trained in f32 (the master copy), whatever the frozen base is stored in
+        trainable_shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
+    else:
+        trainable_shapes = jax.eval_shape(lambda: run_setup.place_lora(
+            init_lora(config, cfg.lora, jax.random.key(0)), cfg.lora, config, cfg.model))
+    state_shapes = trainer.abstract_state(trainable_shapes)
+    frozen_shapes = {} if full else params_shapes
+    step_fn = trainer.compile_step(state_shapes, frozen_shapes)
+    step_compiled = compile_in_background(
+        step_fn, state_shapes, frozen_shapes,
+        trainer.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, target_width))
+    return step_fn, step_compiled, below, below_compiled
 
 
 def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None = None,
             base: tuple[ModelConfig, dict] | None = None) -> Run:
     """`examples` (train, validation) and the `base` model's (config, params) when the caller
-    has them already (the folds of a cross-validation); else read and loaded here."""
+    has them already (the folds of a cross-validation); else read and loaded here.
+
+    Everything that does not need the weights comes first: the rows, the trainer and the
+    shapes of its step, which compiles on another thread while this one reads the weights
+    (training/background_compile.py)."""
     sharding.maybe_initialize_distributed()
     run_dir = cfg.run_dir
     spec = run_setup.task_spec(cfg)
@@ -191,11 +233,8 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(run_dir / "config.toml", to_toml(cfg))
     identity.save(run_dir, current)
-
-    config, params = base or load_base(cfg, mesh)
+    config = base[0] if base else run_setup.model_config(cfg.model)
     run_setup.check_tokenizer(tokenizer, config, spec.style)
-    log(f"model: {config.family}, {config.num_layers} layers, "
-        f"{count_params(params) / 1e6:.0f}M params")
 
     items = encode_examples(train_examples, tokenizer, spec, cfg.data.loss_on)
     # Each process packs the same rows and takes its own share of every global batch.
@@ -231,12 +270,21 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
     trainer = Trainer(model, make_optimizer(cfg.optim, updates), mesh,
                       "full" if full else "lora", seed=cfg.train.seed,
                       accumulate_steps=accumulate, first_layer=first)
+    target_width = max_targets_per_row(rows)
+
+    step_fn, step_compiled, below, below_compiled = start_compiling(
+        cfg, config, trainer, first, target_width)
+
+    def weights() -> dict:
+        return base[1] if base else load_base(cfg, mesh, config)[1]
+
+    # A LoRA state needs no weights either: it is made while the programs compile.
+    params = weights() if full else None
     if full:  # trained in f32 (the master copy), whatever the frozen base is stored in
         trainable = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     else:
         trainable = run_setup.place_lora(
             init_lora(config, lcfg, jax.random.key(cfg.train.seed)), lcfg, config, cfg.model)
-    frozen = {} if full else params
     state = trainer.init_state(trainable)
     adapted = lcfg.layers(config.num_layers)
     if not full and lcfg.last_layers >= config.num_layers:
@@ -246,15 +294,20 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
         f" of layers {adapted.start}-{adapted.stop - 1}"
     log(f"trainable: {count_params(state['trainable']) / 1e6:.3f}M params "
         f"({'full fine-tuning' if full else f'LoRA r={lcfg.rank} on {list(lcfg.targets)}{where}'})")
-
+    if params is None:
+        params = weights()
+    log(f"model: {config.family}, {config.num_layers} layers, "
+        f"{count_params(params) / 1e6:.0f}M params")
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep)
     restored = checkpoints.restore_latest(state, trainer.state_shardings(state))
     if restored is not None:
         state = restored
         log(f"resumed from step {int(state['step'])}")
+    frozen = {} if full else params
     if first and int(state["step"]) < total_steps:
         started = time.time()
-        streams = frozen_prefix.row_streams(model, params, rows, first, cfg.data.batch_size, mesh)
+        below_compiled.result()
+        streams = frozen_prefix.row_streams(below, params, rows, cfg.data.batch_size, mesh)
         rows = [{**row, "stream": stream} for row, stream in zip(rows, streams, strict=True)]
         log(f"layers 0-{first - 1} take no gradient: their output for the {len(rows)} rows "
             f"computed once ({time.time() - started:.0f} s); each step runs layers {first}-"
@@ -262,9 +315,10 @@ def prepare(cfg: RunConfig, examples: tuple[list[Example], list[Example]] | None
     return Run(cfg=cfg, spec=spec, config=config, tokenizer=tokenizer,
                valid_examples=valid_examples, test_examples=test_examples, rows=rows,
                packing=vars(stats) | {"efficiency": stats.efficiency}, trainer=trainer,
+               step_fn=step_fn, step_compiled=step_compiled,
                frozen=frozen, state=state, checkpoints=checkpoints,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               target_width=max_targets_per_row(rows),
+               target_width=target_width,
                tokens_of_update=update_token_counts(
                    rows, cfg.data.batch_size, seed=cfg.train.seed, epochs=cfg.train.epochs,
                    accumulate_steps=accumulate))
@@ -320,13 +374,14 @@ def train_loop(run: Run) -> dict:
     """Runs the steps left; returns the final state. Checkpoints every `save_every` steps, at
     each epoch's end and at the last step; a signal saves and stops."""
     cfg, trainer, state = run.cfg, run.trainer, run.state
-    step_fn = trainer.compile_step(state, run.frozen)
+    step_fn = run.step_fn
+    run.step_compiled.result()  # compiled meanwhile: the first step runs at once
     metrics_path = cfg.run_dir / "metrics.jsonl"
     start_step = int(state["step"])
     keep_metrics_until(metrics_path, start_step)
     if start_step < run.total_steps:
         log(f"training {run.total_steps} steps ({cfg.train.epochs} epochs x "
-            f"{run.steps_per_epoch}); compiling the step first")
+            f"{run.steps_per_epoch})")
     bar = progress(run.total_steps, "train", unit="step", initial=start_step)
     tokens_seen, t0 = 0, None
     try:

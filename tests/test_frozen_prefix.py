@@ -86,7 +86,8 @@ def test_a_step_from_stored_streams_equals_a_step_from_tokens():
     model = Transformer(config, lora_scale=LORA.scale)
     first = frozen_prefix.first_layer(LORA, config)
     assert first == 2
-    streams = frozen_prefix.row_streams(model, params, rows, first, 4, mesh)
+    streams = frozen_prefix.row_streams(frozen_prefix.below_fn(model, first), params, rows, 4,
+                                        mesh)
     assert streams.shape == (len(rows), 32, config.embed_dim)
     results = []
     for layer, row_set in ((0, rows), (first, [{**r, "stream": s}

@@ -9,6 +9,7 @@ persistent compilation cache shared with the subprocess runs keeps the file fast
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -209,6 +210,35 @@ def test_lora_on_the_last_layers_computes_the_frozen_ones_once_and_resumes_exact
     assert again.read_text(encoding="utf-8") == trained.read_text(encoding="utf-8")
 
 
+def test_the_programs_compiled_while_the_weights_load_are_the_ones_the_run_calls(ws, caplog):
+    """prepare compiles the train step and the frozen layers' program on another thread while
+    the weights load (training/background_compile.py): each is compiled once, and the loop's
+    first step finds the step compiled instead of tracing it again."""
+    cfg = load_config(None, ws.args("ahead", "lora.last_layers=2", "train.max_steps=2",
+                                    "train.predict=false"))
+    jax.config.update("jax_log_compiles", True)  # for every thread: the context is per thread
+    try:
+        with caplog.at_level(logging.WARNING):
+            run = train.prepare(cfg)
+            run.step_compiled.result()
+            lowered_before_the_loop = _lowered(caplog.records)
+            caplog.clear()
+            train.train_loop(run)
+            lowered_in_the_loop = _lowered(caplog.records)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert lowered_before_the_loop.count("step") == 1
+    assert lowered_before_the_loop.count("below") == 1
+    assert "step" not in lowered_in_the_loop
+    assert [r["step"] for r in _metrics(ws.run_dir("ahead"))] == [1, 2]
+
+
+def _lowered(records) -> list[str]:
+    """The jitted functions that jax's compile log says were lowered ('Compiling jit(f) ...')."""
+    return [m.group(1) for r in records
+            if (m := re.match(r"Compiling jit\((\w+)\)", r.getMessage()))]
+
+
 def test_lora_last_layers_with_scanned_layers_is_refused_before_the_model_loads(
         ws, monkeypatch, capsys):
     """Some layers frozen cannot be scanned; last_layers at least the depth adapts them all."""
@@ -293,6 +323,7 @@ def test_non_finite_loss_stops_without_saving_it(ws, monkeypatch, capsys, bad_st
                 metrics = {**metrics, "loss": metrics["loss"] * np.nan}
             return state, metrics
 
+        step.lower = step_fn.lower  # compiled ahead by prepare like the real one
         return step
 
     monkeypatch.setattr(Trainer, "compile_step", poisoned)

@@ -58,9 +58,9 @@ def read_config(path: str | Path) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file() and path.suffix == ".gguf":
-        from kaggle_pipeline.checkpoints.gguf_format import _Reader, config_from_gguf
+        from kaggle_pipeline.checkpoints.gguf_format import config_from_gguf, read_gguf_header
 
-        return config_from_gguf(_Reader(path), str(path))
+        return config_from_gguf(read_gguf_header(path), str(path))
     if path.is_dir() and (path / "config.json").exists():
         import json
 

@@ -24,6 +24,7 @@ from kaggle_pipeline.checkpoints.common import (
     read_into,
     require_file,
 )
+from kaggle_pipeline.checkpoints.gguf_header import Header, HeaderError, TensorInfo, read_header
 from kaggle_pipeline.checkpoints.hf_format import (
     hf_layout_shapes,
     official_tensor,
@@ -59,19 +60,6 @@ _GGUF_NAMES = {
 _ELEMENTS_PER_CHUNK = 1 << 22  # dequantize in slices: a bf16 embedding never exists in f32
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader over a plain ndarray view of its memmap: every np.memmap slice runs Python
-    hooks, which made parsing Gemma 3's 262k-entry vocabulary ~4x slower (16 s vs 4 s)."""
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, mapped: np.ndarray) -> None:
-        self._data = mapped.view(np.ndarray)  # still backed by the file mapping
-
-
 def gguf_name(hf_name: str) -> str:
     """'layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'."""
     if hf_name == "embed_tokens.weight":
@@ -82,40 +70,31 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{index}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    if field.types == [gguf.GGUFValueType.FLOAT32]:
-        value = float(str(np.float32(value)))  # 1e-6, not 9.999999974752427e-07
-    return value
-
-
-def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
+def config_from_gguf(header: Header, source: str) -> ModelConfig:
     """ModelConfig from GGUF metadata, filling what llama.cpp hard-codes for Gemma."""
-    arch = _field(reader, "general.architecture")
+    meta = header.metadata
+    arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported "
                               f"(expected one of {', '.join(SUPPORTED_ARCHITECTURES)})")
 
     def need(key: str):
-        value = _field(reader, f"{arch}.{key}")
+        value = meta.get(f"{arch}.{key}")
         if value is None:
             raise CheckpointError(f"{source}: GGUF metadata has no '{arch}.{key}'")
         return value
 
     embed_dim, num_layers = int(need("embedding_length")), int(need("block_count"))
     num_heads = int(need("attention.head_count"))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", embed_dim // num_heads))
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    head_dim = int(meta.get(f"{arch}.attention.key_length", embed_dim // num_heads))
+    embedding = header.tensors.get("token_embd.weight")
     if embedding is None:
         raise CheckpointError(f"{source}: GGUF has no tensor 'token_embd.weight'")
 
     # llama.cpp: the 27B models scale queries by 1/sqrt(embed_dim / heads), others by head_dim.
     is_27b = num_layers == (46 if arch == "gemma2" else 62)
-    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
-    if isinstance(pattern, list):  # per layer: true = sliding window
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, np.ndarray):  # per layer: true = sliding window
         if len(pattern) != num_layers:
             raise CheckpointError(f"{source}: '{arch}.attention.sliding_window_pattern' has "
                                   f"{len(pattern)} entries for {num_layers} blocks")
@@ -126,26 +105,26 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     else:
         kinds = repeat_pattern(GEMMA2_PATTERN if arch == "gemma2" else GEMMA3_PATTERN, num_layers)
 
-    global_base = float(_field(reader, f"{arch}.rope.freq_base",
+    global_base = float(meta.get(f"{arch}.rope.freq_base",
                                10_000.0 if arch == "gemma2" else 1_000_000.0))
     # llama.cpp runs Gemma 3's sliding layers at base 10k unless the file says otherwise;
     # Gemma 2 uses one base everywhere.
-    local_base = float(_field(reader, f"{arch}.rope.freq_base_swa",
+    local_base = float(meta.get(f"{arch}.rope.freq_base_swa",
                               global_base if arch == "gemma2" else 10_000.0))
-    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported")
-    global_scale = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)) \
+    global_scale = float(meta.get(f"{arch}.rope.scaling.factor", 1.0)) \
         if scaling == "linear" else 1.0
-    caps = [_field(reader, f"{arch}.{k}_logit_softcapping") for k in ("attn", "final")]
+    caps = [meta.get(f"{arch}.{k}_logit_softcapping") for k in ("attn", "final")]
     return from_dimensions(
         arch,
         num_layers=num_layers,
-        vocab_size=int(embedding.shape[1]),  # GGUF shapes list the fastest axis first
+        vocab_size=int(embedding.shape[0]),
         embed_dim=embed_dim,
         hidden_dim=int(need("feed_forward_length")),
         num_heads=num_heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
         head_dim=head_dim,
         attention_kinds=kinds,
         sliding_window=int(need("attention.sliding_window")),
@@ -159,29 +138,29 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     )
 
 
-class _TensorData:
-    """Where one tensor's bytes lie in the file. They are read with plain reads, not through the
-    reader's memory mapping, whose touched pages would stay resident next to our copy."""
+def read_tensor(tensor: TensorInfo, file: BinaryIO, dtype: np.dtype) -> np.ndarray:
+    """The tensor dequantized to `dtype`, a slice of rows at a time (blocks never span rows) into
+    an aligned buffer that build_params places as is. Plain reads, not a memory mapping, whose
+    touched pages would stay resident next to our copy."""
+    cols = tensor.shape[-1]
+    count = math.prod(tensor.shape) // cols
+    row_bytes = tensor.nbytes // count
+    out = aligned_empty((count, cols), dtype)
+    step = max(1, _ELEMENTS_PER_CHUNK // cols)
+    raw = np.empty((min(step, count), row_bytes), np.uint8)
+    for start in range(0, count, step):
+        part = raw[:min(step, count - start)]
+        read_into(file, tensor.offset + start * row_bytes, part)
+        out[start:start + len(part)] = gguf.quants.dequantize(part, tensor.qtype)
+    return out.reshape(tensor.shape)
 
-    def __init__(self, tensor: gguf.ReaderTensor):
-        self.qtype = tensor.tensor_type
-        self.shape = tuple(int(n) for n in reversed(tensor.shape))  # numpy order: rows first
-        self.offset, self.nbytes = int(tensor.data_offset), int(tensor.n_bytes)
 
-    def read(self, file: BinaryIO, dtype: np.dtype) -> np.ndarray:
-        """The tensor dequantized to `dtype`, a slice of rows at a time (blocks never span rows)
-        into an aligned buffer that build_params places as is."""
-        cols = self.shape[-1]
-        count = math.prod(self.shape) // cols
-        row_bytes = self.nbytes // count
-        out = aligned_empty((count, cols), dtype)
-        step = max(1, _ELEMENTS_PER_CHUNK // cols)
-        raw = np.empty((min(step, count), row_bytes), np.uint8)
-        for start in range(0, count, step):
-            part = raw[:min(step, count - start)]
-            read_into(file, self.offset + start * row_bytes, part)
-            out[start:start + len(part)] = gguf.quants.dequantize(part, self.qtype)
-        return out.reshape(self.shape)
+def read_gguf_header(path: str | Path) -> Header:
+    """The metadata and tensor index; CheckpointError when the file is not a readable GGUF."""
+    try:
+        return read_header(path)
+    except HeaderError as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err.reason})") from None
 
 
 def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
@@ -193,16 +172,11 @@ def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
     `config` overrides the one read from the metadata; tensor shapes are checked against it.
     """
     path = require_file(path, "GGUF file")
-    try:
-        reader = _Reader(path)
-    except (ValueError, OSError, KeyError, IndexError) as err:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+    header = read_gguf_header(path)
     source = str(path)
     if config is None:
-        config = config_from_gguf(reader, source)
-    tensors = {t.name: _TensorData(t) for t in reader.tensors}
-    # The parsed metadata (a numpy view per vocabulary entry) holds more than the file's size.
-    del reader
+        config = config_from_gguf(header, source)
+    tensors = header.tensors
     expected = hf_layout_shapes(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
@@ -218,8 +192,8 @@ def load_gguf(path: str | Path, dtype: jnp.dtype = jnp.float32,
                                   f"the config expects {expected[hf_name]}")
         used.add(name)
         if hf_name.endswith("norm.weight"):  # small f32 vectors: undo the +1 before casting
-            return (tensor.read(file, np.dtype(np.float32)) - 1.0).astype(np_dtype)
-        return tensor.read(file, np_dtype)
+            return (read_tensor(tensor, file, np.dtype(np.float32)) - 1.0).astype(np_dtype)
+        return read_tensor(tensor, file, np_dtype)
 
     with open(path, "rb", buffering=0) as file:
         params = build_params(config, source, lambda p: official_tensor(config, p, read),

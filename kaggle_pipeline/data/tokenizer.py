@@ -18,10 +18,8 @@ starts with `<bos>` encodes to the same ids as the conversation built id by id.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from kaggle_pipeline.checkpoints.gguf_header import read_header
 from kaggle_pipeline.files import write_atomically
 
 _Piece = sp_pb2.ModelProto.SentencePiece
@@ -197,74 +196,12 @@ _GGUF_TOKENIZER_KEYS = (
     "tokenizer.ggml.padding_token_id",
     "tokenizer.ggml.add_space_prefix",
 )
-# GGUF metadata value types: fixed-size scalars by struct format; 8 is string, 9 is array.
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict:
-    """The `tokenizer.ggml.*` metadata of a GGUF, read straight from the header.
-
-    gguf.GGUFReader would also index every tensor and make one numpy view per vocabulary string,
-    which takes seconds on a 262k vocabulary; only the key/value section is needed here.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-        if blob[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (no GGUF magic bytes)")
-        try:
-            version, _, kv_count = struct.unpack_from("<IQQ", blob, 4)
-            if version not in (2, 3):
-                raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-            pos, metadata = 24, {}
-            for _ in range(kv_count):
-                key, pos = _gguf_string(blob, pos)
-                (value_type,) = struct.unpack_from("<I", blob, pos)
-                value, pos = _gguf_value(blob, pos + 4, value_type, key in _GGUF_TOKENIZER_KEYS)
-                if key in _GGUF_TOKENIZER_KEYS:
-                    metadata[key] = value
-        except (struct.error, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: corrupt or truncated GGUF metadata ({err})") from err
-    return metadata
-
-
-def _gguf_string(blob: mmap.mmap, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", blob, pos)
-    end = pos + 8 + length
-    if end > len(blob):
-        raise struct.error("string runs past the end of the file")
-    return blob[pos + 8 : end].decode("utf-8"), end
-
-
-def _gguf_value(blob: mmap.mmap, pos: int, value_type: int, keep: bool):
-    """(value, next position); values of unwanted arrays are skipped, not built."""
-    if value_type in _GGUF_SCALAR:
-        fmt = _GGUF_SCALAR[value_type]
-        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
-    if value_type == _GGUF_STRING:
-        return _gguf_string(blob, pos)
-    if value_type != _GGUF_ARRAY:
-        raise struct.error(f"unknown metadata value type {value_type}")
-    element_type, count = struct.unpack_from("<IQ", blob, pos)
-    pos += 12
-    if element_type in _GGUF_SCALAR:
-        dtype = np.dtype(_GGUF_SCALAR[element_type])
-        end = pos + count * dtype.itemsize
-        if end > len(blob):
-            raise struct.error("array runs past the end of the file")
-        values = np.frombuffer(blob[pos:end], dtype=dtype) if keep else None
-        return values, end
-    if element_type != _GGUF_STRING:
-        raise struct.error(f"arrays of type {element_type} are not supported")
-    strings = []
-    for _ in range(count):
-        if keep:
-            value, pos = _gguf_string(blob, pos)
-            strings.append(value)
-        else:
-            (length,) = struct.unpack_from("<Q", blob, pos)
-            pos += 8 + length
-    return (strings if keep else None), pos
+    """The `tokenizer.ggml.*` metadata of a GGUF (HeaderError, a ValueError, if unreadable)."""
+    header = read_header(path, string_arrays=("tokenizer.ggml.tokens",), tensors=False)
+    return {k: v for k, v in header.metadata.items() if k in _GGUF_TOKENIZER_KEYS}
 
 
 def _model_proto_from_gguf(metadata: dict, source: str) -> sp_pb2.ModelProto:

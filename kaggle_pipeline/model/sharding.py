@@ -139,6 +139,13 @@ def cache_shardings(cache, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, cache)
 
 
+def placed_shapes(tree, shardings):
+    """`tree`'s shapes and dtypes with these shardings, nothing allocated: the arguments a
+    program is compiled for ahead of time."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"]))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -45,16 +46,29 @@ def stream_bytes(rows: Sequence[dict], config: ModelConfig) -> int:
     return sum(row["tokens"].size for row in rows) * config.embed_dim * 4
 
 
-def row_streams(model: Transformer, params: dict, rows: Sequence[dict], layer: int,
-                batch_size: int, mesh: Mesh) -> np.ndarray:
-    """[rows, T, D] f32: the residual stream of each row entering `layer`, computed in batches
-    of `batch_size` rows (the last one padded with empty rows) on `mesh`."""
+def below_fn(model: Transformer, layer: int):
+    """The jitted program of the frozen layers: (params, tokens, positions, segment_ids) ->
+    the residual stream entering `layer` [B, T, D] f32."""
 
     @jax.jit
     def below(params, tokens, positions, segment_ids):
         return model.apply({"params": params}, tokens, positions, segment_ids,
                            stop_before=layer)
 
+    return below
+
+
+def abstract_rows(rows: int, length: int, mesh: Mesh) -> tuple:
+    """The row arguments of `below_fn`'s program, as shapes and shardings only."""
+    spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=shd.batch_sharding(mesh))
+    return (spec,) * len(ROW_KEYS)
+
+
+def row_streams(below, params: dict, rows: Sequence[dict], batch_size: int, mesh: Mesh
+                ) -> np.ndarray:
+    """[rows, T, D] f32: the residual stream of each row entering the layer of `below`
+    (`below_fn`), computed in batches of `batch_size` rows (the last one padded with empty
+    rows) on `mesh`."""
     out = []
     for batch in batches(list(rows), batch_size, seed=0, epoch=0, shuffle=False):
         placed = shd.global_batch_to_arrays({k: batch[k] for k in ROW_KEYS},

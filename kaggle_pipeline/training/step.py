@@ -55,8 +55,7 @@ class Trainer:
         trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
         state = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t,
                                           "opt_state": self.optimizer.init(t)}, trainable)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, self.state_shardings(state))
+        return shd.placed_shapes(state, self.state_shardings(state))
 
     def trainable_shardings(self, trainable: dict):
         return shd.param_shardings(trainable, self.mesh, self.model.config.transpose_gating_einsum)
@@ -102,6 +101,20 @@ class Trainer:
         return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, shd.replicated(self.mesh)),
                        donate_argnums=(0,))
+
+    def abstract_batch(self, rows: int, length: int, targets: int) -> dict:
+        """What `put_batch` makes for `rows` rows of `length` tokens with `targets` loss slots
+        each, as shapes and shardings only (for AOT compilation)."""
+        shapes = {"tokens": ((rows, length), jnp.int32),
+                  "positions": ((rows, length), jnp.int32),
+                  "segment_ids": ((rows, length), jnp.int32),
+                  "loss_src": ((rows, targets), jnp.int32),
+                  "loss_valid": ((rows, targets), jnp.bool_),
+                  "stream": ((rows, length, self.model.config.embed_dim), jnp.float32),
+                  "loss_scale": ((rows,), jnp.float32)}
+        sharding = shd.batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sharding)
+                for k in self._step_keys()}
 
     def _batch_keys(self) -> tuple[str, ...]:
         return BATCH_KEYS + (("stream",) if self.first_layer else ())

@@ -106,11 +106,11 @@ def config_from_gguf(header: Header, source: str) -> ModelConfig:
         kinds = repeat_pattern(GEMMA2_PATTERN if arch == "gemma2" else GEMMA3_PATTERN, num_layers)
 
     global_base = float(meta.get(f"{arch}.rope.freq_base",
-                               10_000.0 if arch == "gemma2" else 1_000_000.0))
+                                 10_000.0 if arch == "gemma2" else 1_000_000.0))
     # llama.cpp runs Gemma 3's sliding layers at base 10k unless the file says otherwise;
     # Gemma 2 uses one base everywhere.
     local_base = float(meta.get(f"{arch}.rope.freq_base_swa",
-                              global_base if arch == "gemma2" else 10_000.0))
+                                global_base if arch == "gemma2" else 10_000.0))
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported")

@@ -29,9 +29,8 @@ from kaggle_pipeline import run_setup
 from kaggle_pipeline.cli import run_command
 from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.inference.predictions import MAX_NEW_TOKENS
-from kaggle_pipeline.model import abstract_params, init_cache, layer_stack, sharding
+from kaggle_pipeline.model import init_cache, sharding
 from kaggle_pipeline.model.config import AttentionKind, ModelConfig
-from kaggle_pipeline.model.lora import init_lora
 from kaggle_pipeline.model.loss import target_logprobs
 from kaggle_pipeline.run_config import RunConfig, load_config
 from kaggle_pipeline.training.optimizer import make_optimizer
@@ -119,18 +118,7 @@ class Setup:
 
 def make_setup(cfg: RunConfig, config: ModelConfig, devices: list) -> Setup:
     mesh = run_setup.build_mesh(cfg, devices)
-    param_dtype = run_setup.dtypes(cfg.model, mesh)[1]
-    params = abstract_params(config, param_dtype, cfg.model.scan_layers)
-    params = sharding.placed_shapes(params, sharding.param_shardings(
-        params, mesh, config.transpose_gating_einsum))
-    lora = None
-    if cfg.lora.enabled:
-        run_setup.check_adapted_layers(cfg.lora, config, cfg.model)
-        lora = jax.eval_shape(lambda: init_lora(config, cfg.lora, jax.random.key(0)))
-        if cfg.model.scan_layers:
-            lora = jax.eval_shape(functools.partial(layer_stack.stack, config=config), lora)
-        lora = sharding.placed_shapes(lora, sharding.param_shardings(
-            lora, mesh, config.transpose_gating_einsum))
+    params, lora = run_setup.abstract_variables(cfg, config, mesh)
     return Setup(cfg, config, mesh, params, lora)
 
 

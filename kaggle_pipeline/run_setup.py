@@ -26,9 +26,16 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec, build_examples, define
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.errors import UserError
 from kaggle_pipeline.inference.sampler import SamplingConfig
-from kaggle_pipeline.model import Transformer, init_params, layer_stack, precision, sharding
+from kaggle_pipeline.model import (
+    Transformer,
+    abstract_params,
+    init_params,
+    layer_stack,
+    precision,
+    sharding,
+)
 from kaggle_pipeline.model.config import ModelConfig, get_config, tiny_config
-from kaggle_pipeline.model.lora import LoraConfig
+from kaggle_pipeline.model.lora import LoraConfig, init_lora
 from kaggle_pipeline.run_config import ConfigError, ModelSection, RunConfig, resolve_input
 from kaggle_pipeline.training import identity
 
@@ -205,6 +212,22 @@ def check_adapted_layers(lora: LoraConfig, config: ModelConfig, section: ModelSe
                           f"{lora.last_layers} of {config.num_layers} layers) needs "
                           "model.scan_layers = false: the scanned layers share one LoRA shape. "
                           "Set lora.last_layers = 0 to adapt every layer")
+
+
+def abstract_variables(cfg: RunConfig, config: ModelConfig, mesh) -> tuple[dict, dict | None]:
+    """(params, LoRA factors or None) of the run's model as shapes with their shardings on
+    `mesh`, nothing allocated: the weights as `load_model` places them, the factors as
+    `init_lora` and `place_lora` make them. For compiling ahead of time."""
+    param_dtype = dtypes(cfg.model, mesh)[1]
+    params = abstract_params(config, param_dtype, cfg.model.scan_layers)
+    params = sharding.placed_shapes(params, sharding.param_shardings(
+        params, mesh, config.transpose_gating_einsum))
+    if not cfg.lora.enabled:
+        return params, None
+    lora = jax.eval_shape(lambda: place_lora(
+        init_lora(config, cfg.lora, jax.random.key(0)), cfg.lora, config, cfg.model))
+    return params, sharding.placed_shapes(lora, sharding.param_shardings(
+        lora, mesh, config.transpose_gating_einsum))
 
 
 def place_lora(lora_tree: dict, lora: LoraConfig, config: ModelConfig, section: ModelSection,

@@ -44,7 +44,7 @@ from kaggle_pipeline.data.tasks import Example, TaskSpec
 from kaggle_pipeline.data.tokenizer import Tokenizer
 from kaggle_pipeline.files import write_text_atomically
 from kaggle_pipeline.inference.label_scoring import answer_only
-from kaggle_pipeline.model import Transformer, abstract_params, layer_stack, sharding
+from kaggle_pipeline.model import Transformer, layer_stack, sharding
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import count_params, init_lora
 from kaggle_pipeline.model.loss import add_target_slots, max_targets_per_row
@@ -193,21 +193,15 @@ def start_compiling(cfg: RunConfig, config: ModelConfig, trainer: Trainer, first
     since it runs first, then the train step. Returns (the jitted step, its compilation, the
     jitted frozen layers or None, their compilation or None)."""
     full, mesh = not cfg.lora.enabled, trainer.mesh
-    param_dtype = run_setup.dtypes(cfg.model, mesh)[1]
-    params_shapes = abstract_params(config, param_dtype, cfg.model.scan_layers)
-    params_shapes = sharding.placed_shapes(params_shapes,
-                                           trainer.frozen_shardings(params_shapes))
+    params_shapes, lora_shapes = run_setup.abstract_variables(cfg, config, mesh)
     below, below_compiled = None, None
     if first:
         below = frozen_prefix.below_fn(trainer.model, first)
         below_compiled = compile_in_background(below, params_shapes, *frozen_prefix.abstract_rows(
             cfg.data.batch_size, cfg.data.seq_len, mesh))
-    if full:  # trained in f32 (the master copy), whatever the frozen base is stored in
-        trainable_shapes = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
-    else:
-        trainable_shapes = jax.eval_shape(lambda: run_setup.place_lora(
-            init_lora(config, cfg.lora, jax.random.key(0)), cfg.lora, config, cfg.model))
+    # Full fine-tuning trains an f32 copy of the weights (the master copy).
+    trainable_shapes = lora_shapes if not full else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
     state_shapes = trainer.abstract_state(trainable_shapes)
     frozen_shapes = {} if full else params_shapes
     step_fn = trainer.compile_step(state_shapes, frozen_shapes)

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from kaggle_pipeline import host_malloc
 from kaggle_pipeline.checkpoints import load_checkpoint, read_config
 from kaggle_pipeline.checkpoints.adapter import load_adapter
 from kaggle_pipeline.checkpoints.common import CheckpointError
@@ -351,6 +352,8 @@ def load_model(section: ModelSection, *, seed: int = 0, mesh=None,
     what `model_config` said, when the caller asked it first (the checkpoint's shapes are
     checked against it)."""
     dtype = dtypes(section, mesh)[1]
+    if jax.default_backend() == "cpu":  # XLA:CPU's step time depends on it (host_malloc.py)
+        log(f"host memory allocator: {host_malloc.describe()}")
     path = checkpoint_path(section)
     preset = config or (_preset(section.preset) if section.preset else None)
     if path is None:

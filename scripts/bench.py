@@ -4,7 +4,8 @@
     python scripts/bench.py --quick --out /tmp/quick.json  # a few small steps of every part
 
 Everything uses the real Gemma 3 270M (the packaged GGUF) on the CPU, offline, with
---threads (default 2) threads for torch and BLAS; XLA uses every core.
+--threads (default 2) threads for torch and BLAS; XLA uses every core. Every worker, whatever
+its framework, runs with the same host allocator (--malloc; the header says which).
 Parts (--parts, comma-separated; default all of them):
   train   one LoRA train step (q, k, v, o, rank 8, alpha 16, AdamW, clip 1.0) on the same batch
           (random token ids, the loss on the last --targets tokens of each row):
@@ -620,14 +621,17 @@ def run_as_worker(name: str, spec_path: str) -> None:
 class Runner:
     """Starts workers, each in a fresh process, and collects their JSON results."""
 
-    def __init__(self, work: Path, threads: int):
+    def __init__(self, work: Path, threads: int, preload: str | None = None):
         self.work = work
         self.spool = Path(tempfile.mkdtemp(prefix="spool-", dir=work))
         self.threads = threads
+        self.preload = preload  # the allocator every worker runs with (None: glibc's malloc)
         self.count = 0
 
     def env(self, xla_flags: str | None = None, reference: bool = False) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
+        if self.preload:
+            env["LD_PRELOAD"] = self.preload
         if reference:
             env.pop("PYTHONPATH", None)
             env.pop("PYTHONHOME", None)
@@ -906,7 +910,8 @@ def report(results: dict) -> str:
     flags = machine.get("cpu_flags", {})
     lines = [f"CPU: {machine.get('cpu', '?')}, {machine.get('cpus')} cores; "
              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
-             + f"; AMX: {'yes' if machine.get('amx') else 'no'}", ""]
+             + f"; AMX: {'yes' if machine.get('amx') else 'no'}",
+             f"host allocator of every worker: {machine.get('allocator', '?')}", ""]
     peak = results.get("peak")
     if peak:
         for precision in ("f32", "bf16"):
@@ -1065,6 +1070,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) /
                                                   "kaggle_pipeline_bench"),
                         help="cache of the exported weights (~4.5 GB with the load part)")
+    parser.add_argument("--malloc", choices=("auto", "system"), default="auto",
+                        help="the host allocator of every worker, whatever the framework: auto = "
+                             "what the pipeline's commands use (tcmalloc if installed, see "
+                             "kaggle_pipeline/host_malloc.py), system = glibc's malloc")
     for field in dataclasses.fields(Settings):
         if field.type in ("int", int):
             parser.add_argument("--" + field.name.replace("_", "-"), type=int,
@@ -1095,14 +1104,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--targets must be between 1 and --seq-len - 1")
 
     sys.path.insert(0, str(PROJECT))
+    from kaggle_pipeline import host_malloc
     from kaggle_pipeline.checkpoints.packaged import gemma3_270m_gguf
 
     gguf = gemma3_270m_gguf()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(work, settings.threads)
+    preload = host_malloc.wanted_library() if args.malloc == "auto" else None
+    runner = Runner(work, settings.threads, preload)
     started = time.perf_counter()
-    results: dict = {"machine": machine_info(), "settings": dataclasses.asdict(settings),
+    machine = {**machine_info(), "allocator": preload or "glibc malloc"}
+    results: dict = {"machine": machine, "settings": dataclasses.asdict(settings),
                      "quick": args.quick, "parts": parts, "gguf": str(gguf)}
     try:
         meta = prepare(runner, gguf, parts, settings.load_formats)

@@ -3,8 +3,8 @@
 XLA:CPU allocates a program's buffers afresh on every call. glibc's malloc serves blocks that
 large with mmap and unmaps them when they are freed, so each train step faults its whole working
 set back in: 450k page faults a step, a quarter of a core spent in the kernel, for the 270M at
-4 x 256 tokens. tcmalloc keeps freed pages for the next call. The main job's steps run 1.3x
-faster with the same results bit for bit (BENCHMARKS.md §1).
+4 x 256 tokens. tcmalloc keeps freed pages for the next call: that step takes 3.6 s instead of
+4.2, the main job 112 s instead of 124, with the same results bit for bit (BENCHMARKS.md §1, §5).
 
 A running process cannot change its allocator. So a command (`python -m kaggle_pipeline.train`,
 `.predict`, ...) restarts itself once, before it imports jax, with the library in LD_PRELOAD.
@@ -121,7 +121,7 @@ def describe() -> str:
     if os.environ.get(SWITCH, "").strip() == "system":
         return f"glibc malloc ({SWITCH}=system)"
     return ("glibc malloc: no tcmalloc on this machine (Debian/Ubuntu: apt-get install "
-            "libtcmalloc-minimal4; CPU train steps run about 1.3x faster with it)")
+            "libtcmalloc-minimal4; CPU train steps run about 1.15x faster with it)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs gperftools' tcmalloc when the machine can (Debian/Ubuntu, as root), and never fails:
-# the pipeline's commands restart themselves with it and their CPU train steps run about 1.3x
+# the pipeline's commands restart themselves with it and their CPU train steps run about 1.15x
 # faster (kaggle_pipeline/host_malloc.py, BENCHMARKS.md §1); without it they use glibc's malloc.
 set -uo pipefail
 

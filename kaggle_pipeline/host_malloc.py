@@ -8,7 +8,8 @@ set back in: 450k page faults a step, a quarter of a core spent in the kernel, f
 
 A running process cannot change its allocator. So a command (`python -m kaggle_pipeline.train`,
 `.predict`, ...) restarts itself once, before it imports jax, with the library in LD_PRELOAD.
-Importing the package from Python (a notebook, the tests) changes nothing.
+Importing the package from Python (a notebook) changes nothing; the test suite restarts the
+same way (tests/conftest.py).
 
 KAGGLE_PIPELINE_MALLOC: unset or "tcmalloc" uses gperftools' tcmalloc if the system has it
 (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`); "system" keeps glibc's malloc; a path

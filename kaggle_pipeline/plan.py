@@ -34,7 +34,7 @@ from kaggle_pipeline.model.config import AttentionKind, ModelConfig
 from kaggle_pipeline.model.loss import target_logprobs
 from kaggle_pipeline.run_config import RunConfig, load_config
 from kaggle_pipeline.training.optimizer import make_optimizer
-from kaggle_pipeline.training.step import Trainer
+from kaggle_pipeline.training.step import BATCH_KEYS, Trainer, abstract_batch
 
 EXIT_DOES_NOT_FIT = 3
 GIB = 2**30
@@ -92,15 +92,6 @@ def target_devices(name: str) -> tuple[list, int]:
     return devices, host // len(devices)  # CPU devices share the host's memory
 
 
-def _batch(rows: int, length: int, targets: int, mesh) -> dict:
-    sh = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sh)
-             for k in ("tokens", "positions", "segment_ids")}
-    batch["loss_src"] = jax.ShapeDtypeStruct((rows, targets), jnp.int32, sharding=sh)
-    batch["loss_valid"] = jax.ShapeDtypeStruct((rows, targets), jnp.bool_, sharding=sh)
-    return batch
-
-
 @dataclasses.dataclass
 class Setup:
     """What every program is built from: the run's model on the target's mesh, abstractly."""
@@ -142,7 +133,7 @@ def lower_score(s: Setup):
     cfg = s.cfg
     model = run_setup.transformer(cfg.model, s.config, s.mesh, lora_scale=cfg.lora.scale)
     rows = 2 * cfg.data.batch_size
-    batch = _batch(rows, cfg.data.seq_len, SCORE_TARGETS, s.mesh)
+    batch = abstract_batch(BATCH_KEYS, rows, cfg.data.seq_len, SCORE_TARGETS, s.mesh)
     variables = s.variables
     fn = jax.jit(functools.partial(target_logprobs, model),
                  out_shardings=sharding.batch_sharding(s.mesh))

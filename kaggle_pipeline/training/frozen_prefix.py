@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -27,6 +26,7 @@ from kaggle_pipeline.model import Transformer
 from kaggle_pipeline.model import sharding as shd
 from kaggle_pipeline.model.config import ModelConfig
 from kaggle_pipeline.model.lora import LoraConfig
+from kaggle_pipeline.training.step import abstract_batch
 
 # Rows x seq_len x embed_dim x 4 bytes kept on the host; past this the step runs every layer.
 HOST_BUDGET_BYTES = 2 << 30
@@ -60,8 +60,7 @@ def below_fn(model: Transformer, layer: int):
 
 def abstract_rows(rows: int, length: int, mesh: Mesh) -> tuple:
     """The row arguments of `below_fn`'s program, as shapes and shardings only."""
-    spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=shd.batch_sharding(mesh))
-    return (spec,) * len(ROW_KEYS)
+    return tuple(abstract_batch(ROW_KEYS, rows, length, 0, mesh).values())
 
 
 def row_streams(below, params: dict, rows: Sequence[dict], batch_size: int, mesh: Mesh

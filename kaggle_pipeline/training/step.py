@@ -23,6 +23,22 @@ from kaggle_pipeline.model.loss import sequence_loss
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_src", "loss_valid")
 
 
+def abstract_batch(keys: tuple[str, ...], rows: int, length: int, targets: int, mesh: Mesh,
+                   embed_dim: int = 0) -> dict:
+    """The batch entries `keys` for `rows` rows of `length` tokens with `targets` loss slots
+    each (`embed_dim`: the width of a `stream`), as shapes with the batch sharding, nothing
+    allocated: what a program is compiled for ahead of time."""
+    shapes = {"tokens": ((rows, length), jnp.int32),
+              "positions": ((rows, length), jnp.int32),
+              "segment_ids": ((rows, length), jnp.int32),
+              "loss_src": ((rows, targets), jnp.int32),
+              "loss_valid": ((rows, targets), jnp.bool_),
+              "stream": ((rows, length, embed_dim), jnp.float32),
+              "loss_scale": ((rows,), jnp.float32)}
+    sharding = shd.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sharding) for k in keys}
+
+
 @dataclasses.dataclass
 class Trainer:
     """Holds the compiled step and the shardings it was compiled for."""
@@ -105,16 +121,8 @@ class Trainer:
     def abstract_batch(self, rows: int, length: int, targets: int) -> dict:
         """What `put_batch` makes for `rows` rows of `length` tokens with `targets` loss slots
         each, as shapes and shardings only (for AOT compilation)."""
-        shapes = {"tokens": ((rows, length), jnp.int32),
-                  "positions": ((rows, length), jnp.int32),
-                  "segment_ids": ((rows, length), jnp.int32),
-                  "loss_src": ((rows, targets), jnp.int32),
-                  "loss_valid": ((rows, targets), jnp.bool_),
-                  "stream": ((rows, length, self.model.config.embed_dim), jnp.float32),
-                  "loss_scale": ((rows,), jnp.float32)}
-        sharding = shd.batch_sharding(self.mesh)
-        return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sharding)
-                for k in self._step_keys()}
+        return abstract_batch(self._step_keys(), rows, length, targets, self.mesh,
+                              self.model.config.embed_dim)
 
     def _batch_keys(self) -> tuple[str, ...]:
         return BATCH_KEYS + (("stream",) if self.first_layer else ())

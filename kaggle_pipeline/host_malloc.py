@@ -77,25 +77,25 @@ def mapped(library: str) -> str | None:
     return None
 
 
-def restart_needed() -> bool:
-    """Whether `restart_with_allocator` would restart this process (raises ValueError for a
-    bad KAGGLE_PIPELINE_MALLOC)."""
+def restart_needed() -> str | None:
+    """The library `restart_with_allocator` would preload, or None when it would not restart
+    this process (raises ValueError for a bad KAGGLE_PIPELINE_MALLOC)."""
     if os.environ.get(_RESTARTED):
-        return False
+        return None
     library = wanted_library()
-    return library is not None and mapped(library) is None
+    return library if library is not None and mapped(library) is None else None
 
 
 def restart_with_allocator() -> None:
     """Re-executes this command with the wanted allocator preloaded; returns when there is
     nothing to do (glibc wanted, the library already loaded, or already restarted once)."""
     try:
-        if not restart_needed():
-            return
-        library = wanted_library()
+        library = restart_needed()
     except ValueError as e:  # a user error: one line, as the commands report theirs
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if library is None:
+        return
     preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
